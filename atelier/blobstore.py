@@ -1,0 +1,87 @@
+"""Content-addressed blob store on a local folder (a shared volume in production).
+
+Keys are `<sha256>.<ext>`: writing the same bytes twice yields the same key and one file,
+so a retried activity never duplicates an image. Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+CONTENT_TYPES = {ext: ctype for ctype, ext in _EXTENSIONS.items()}
+_KEY = re.compile(r"^[0-9a-f]{64}\.(jpg|png|webp)$")
+
+
+class BlobNotFound(KeyError):
+    pass
+
+
+class InvalidBlobKey(ValueError):
+    pass
+
+
+def content_type_of(key: str) -> str:
+    if not _KEY.match(key):
+        raise InvalidBlobKey(key)
+    return CONTENT_TYPES[key.rsplit(".", 1)[1]]
+
+
+class BlobStore:
+    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise InvalidBlobKey(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    def _put_sync(self, data: bytes, content_type: str) -> str:
+        ext = _EXTENSIONS.get(content_type)
+        if ext is None:
+            raise ValueError(f"unsupported content type for the blob store: {content_type}")
+        key = f"{hashlib.sha256(data).hexdigest()}.{ext}"
+        final = self.path(key)
+        if final.exists():
+            return key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return key
+
+    async def put(self, data: bytes, content_type: str) -> str:
+        return await asyncio.to_thread(self._put_sync, data, content_type)
+
+    def _get_sync(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    async def get(self, key: str) -> bytes:
+        return await asyncio.to_thread(self._get_sync, key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.path(key).is_file()
+        except InvalidBlobKey:
+            return False

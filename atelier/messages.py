@@ -1,0 +1,265 @@
+"""Message types and names shared by workflows, activities, the worker and the API.
+
+Pure dataclasses and constants only: this module is imported inside the workflow
+sandbox, so it must stay deterministic (no I/O, no clocks, no randomness).
+Every field has a default so old histories keep decoding when one is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+DEFAULT_TASK_QUEUE = "atelier-generation"
+WORKFLOW_TYPE = "GenerationWorkflow"
+
+# Custom search attributes (registered on the server at start; see README).
+SA_USER_ID = "UserId"
+SA_KIND = "GenerationKind"
+SA_STATUS = "GenerationStatus"
+SEARCH_ATTRIBUTES = {SA_USER_ID: "Keyword", SA_KIND: "Keyword", SA_STATUS: "Keyword"}
+
+# Keys a user's free-form parameters may never carry (they would overwrite the request's own).
+RESERVED_PARAMETER_KEYS = frozenset({"images", "prompt", "model"})
+
+
+class Kind(str, Enum):
+    PHOTOGRAPHY = "photography"
+    FITTING = "fitting"
+
+
+class Status(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+
+class Stage(str, Enum):
+    QUEUED = "queued"
+    CHARGING = "charging"
+    SELECTING_MODEL = "selecting_model"
+    DOWNLOADING = "downloading"
+    GENERATING = "generating"
+    SAVING = "saving"
+    NOTIFYING = "notifying"
+    REFUNDING = "refunding"
+    DONE = "done"
+
+
+class ErrorCode(str, Enum):
+    """Named reasons a generation did not complete; they are also ApplicationError types."""
+
+    INVALID_REQUEST = "InvalidRequest"
+    INSUFFICIENT_CREDITS = "InsufficientCredits"
+    UNKNOWN_USER = "UnknownUser"
+    BAD_IMAGE = "BadImage"
+    URL_REFUSED = "UrlRefused"
+    DOWNLOAD_FAILED = "DownloadFailed"
+    CONTENT_BLOCKED = "ContentBlocked"
+    PROVIDER_REJECTED = "ProviderRejected"
+    PROVIDER_UNAVAILABLE = "ProviderUnavailable"
+    NO_MODEL_AVAILABLE = "NoModelAvailable"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    CANCELED = "Canceled"
+    INTERNAL = "Internal"
+
+
+# Errors the provider returned that another model of the catalogue cannot fix either.
+NO_FALLBACK_ERRORS = frozenset({ErrorCode.CONTENT_BLOCKED.value, ErrorCode.BAD_IMAGE.value})
+
+
+@dataclass
+class ImageInput:
+    """One input image: a URL to fetch, or the id of a file uploaded through the API."""
+
+    url: str | None = None
+    file_id: str | None = None
+
+
+@dataclass
+class StoredImage:
+    """A reference to an image in the blob store. Never the bytes."""
+
+    key: str = ""
+    content_type: str = ""
+    width: int = 0
+    height: int = 0
+    size: int = 0
+
+
+@dataclass
+class Timeouts:
+    """Activity timeouts in seconds; the starter fills them from settings."""
+
+    short_start_to_close_s: float = 10.0
+    download_start_to_close_s: float = 60.0
+    download_heartbeat_s: float = 20.0
+    ai_start_to_close_s: float = 300.0
+    ai_heartbeat_s: float = 30.0
+    ai_schedule_to_start_s: float = 600.0
+    ai_max_attempts: int = 3
+    notify_schedule_to_close_s: float = 6 * 3600.0
+    deadline_s: float = 3600.0
+
+
+@dataclass
+class GenerationRequest:
+    task_id: str = ""
+    user_id: str = ""
+    kind: str = Kind.PHOTOGRAPHY.value
+    images: list[ImageInput] = field(default_factory=list)
+    prompt: str = ""
+    style: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    webhook_url: str | None = None
+    cost: int = 0
+    # Empty means: the workflow's own task queue.
+    ai_task_queue: str = ""
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    created_at: str = ""
+
+
+@dataclass
+class GenerationResult:
+    task_id: str = ""
+    status: str = Status.COMPLETED.value
+    kind: str = ""
+    work_id: str | None = None
+    images: list[StoredImage] = field(default_factory=list)
+    model: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    credits_charged: int = 0
+    credits_refunded: int = 0
+
+
+@dataclass
+class Progress:
+    """What the `progress` query answers while the workflow runs."""
+
+    task_id: str = ""
+    kind: str = ""
+    status: str = Status.QUEUED.value
+    stage: str = Stage.QUEUED.value
+    percent: int = 0
+    model: str | None = None
+    attempt: int = 0
+    last_error: str | None = None
+    error_code: str | None = None
+    credits_charged: int = 0
+    credits_refunded: int = 0
+    work_id: str | None = None
+    images: list[StoredImage] = field(default_factory=list)
+
+
+# ---- activity inputs and outputs -------------------------------------------------------
+
+
+@dataclass
+class ChargeRequest:
+    task_id: str = ""
+    user_id: str = ""
+    amount: int = 0
+    reason: str = ""
+
+
+@dataclass
+class ChargeResult:
+    charged: int = 0
+    balance: int = 0
+    replayed: bool = False
+
+
+@dataclass
+class RefundRequest:
+    task_id: str = ""
+    user_id: str = ""
+    reason: str = ""
+
+
+@dataclass
+class RefundResult:
+    refunded: int = 0
+    balance: int = 0
+    replayed: bool = False
+
+
+@dataclass
+class SelectModelRequest:
+    kind: str = ""
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelChoice:
+    model: str = ""
+    provider: str = ""
+    priority: int = 0
+
+
+@dataclass
+class DownloadRequest:
+    task_id: str = ""
+    user_id: str = ""
+    images: list[ImageInput] = field(default_factory=list)
+
+
+@dataclass
+class DownloadResult:
+    images: list[StoredImage] = field(default_factory=list)
+
+
+@dataclass
+class AiRequest:
+    task_id: str = ""
+    kind: str = ""
+    model: str = ""
+    provider: str = ""
+    prompt: str = ""
+    images: list[StoredImage] = field(default_factory=list)
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AiOutput:
+    images: list[StoredImage] = field(default_factory=list)
+    model: str = ""
+    provider: str = ""
+    text: str = ""
+
+
+@dataclass
+class SaveWorkRequest:
+    task_id: str = ""
+    user_id: str = ""
+    kind: str = ""
+    model: str = ""
+    prompt: str = ""
+    images: list[StoredImage] = field(default_factory=list)
+
+
+@dataclass
+class SavedWork:
+    work_id: str = ""
+    replayed: bool = False
+
+
+@dataclass
+class NotifyRequest:
+    task_id: str = ""
+    url: str = ""
+    # The final generation object, as the API would show it (JSON text, so the signature covers exact bytes).
+    body: str = ""
+
+
+@dataclass
+class NotifyResult:
+    status_code: int = 0
+    attempts: int = 0

@@ -1,0 +1,130 @@
+"""Every setting of the project, read once at start, typed and validated.
+
+A wrong value stops the process with a message naming the variable. Nothing reads the
+environment at import time: call `load_settings()` where a process starts.
+The README's settings table lists each field below with its variable and default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore", populate_by_name=True)
+
+    # --- Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "atelier-generation"
+    # The AI activity's own queue, so long AI calls never starve the short steps.
+    ai_task_queue: str = "atelier-ai"
+
+    # --- storage
+    database_url: str = "sqlite+aiosqlite:///var/atelier.db"
+    database_pool_size: int = Field(default=20, ge=1)
+    blob_dir: Path = Path("var/blobs")
+    blob_fsync: bool = True
+
+    # --- worker
+    max_concurrent_activities: int = Field(default=200, ge=1)
+    max_concurrent_ai_calls: int = Field(default=1000, ge=1)
+    max_concurrent_workflow_tasks: int = Field(default=200, ge=1)
+    max_cached_workflows: int = Field(default=2000, ge=0)
+
+    # --- credits
+    cost_photography: int = Field(default=10, ge=0)
+    cost_fitting: int = Field(default=15, ge=0)
+
+    # --- downloads and images
+    allow_private_urls: bool = False
+    max_download_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_redirects: int = Field(default=5, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=15.0, gt=0)
+    download_total_timeout_s: float = Field(default=45.0, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    max_image_side: int = Field(default=2048, ge=64)
+
+    # --- AI providers
+    ai_provider: str | None = None  # gemini | local; default: gemini when GEMINI_API_KEY is set
+    local_ai_delay_s: float = Field(default=2.0, ge=0)
+    model_catalogue: Path | None = None
+    model_failure_threshold: int = Field(default=3, ge=1)
+    model_failure_window_s: float = Field(default=300.0, gt=0)
+    gemini_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "ATELIER_GEMINI_API_KEY")
+    )
+    gemini_base_url: str = Field(
+        default="https://generativelanguage.googleapis.com",
+        validation_alias=AliasChoices("GEMINI_BASE_URL", "ATELIER_GEMINI_BASE_URL"),
+    )
+    gemini_timeout_s: float = Field(default=180.0, gt=0)
+
+    # --- activity timeouts (seconds)
+    short_timeout_s: float = Field(default=10.0, gt=0)
+    download_timeout_s: float = Field(default=60.0, gt=0)
+    download_heartbeat_s: float = Field(default=20.0, gt=0)
+    ai_timeout_s: float = Field(default=300.0, gt=0)
+    ai_heartbeat_s: float = Field(default=30.0, gt=0)
+    ai_schedule_to_start_s: float = Field(default=600.0, gt=0)
+    ai_max_attempts: int = Field(default=3, ge=1)
+    generation_deadline_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_hours: float = Field(default=6.0, gt=0)
+
+    # --- API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    public_base_url: str = ""
+    admin_token: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+    idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
+
+    @field_validator("ai_provider")
+    @classmethod
+    def _known_provider(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if v not in ("gemini", "local"):
+            raise ValueError("must be 'gemini' or 'local'")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, v: str) -> str:
+        # Accept the plain forms people paste and pick the async driver.
+        if v.startswith("sqlite:///"):
+            return "sqlite+aiosqlite:///" + v[len("sqlite:///") :]
+        if v.startswith("postgresql://") or v.startswith("postgres://"):
+            return "postgresql+asyncpg://" + v.split("://", 1)[1]
+        return v
+
+    @property
+    def provider(self) -> str:
+        if self.ai_provider:
+            return self.ai_provider
+        return "gemini" if self.gemini_api_key else "local"
+
+    def cost_of(self, kind: str) -> int:
+        return {"photography": self.cost_photography, "fitting": self.cost_fitting}[kind]
+
+
+def _variable_name(loc: tuple) -> str:
+    name = str(loc[0]) if loc else "?"
+    if name.isupper():
+        return name
+    return "ATELIER_" + name.upper()
+
+
+def load_settings(**overrides) -> Settings:
+    """Read the settings once. On a bad value, exit with a message naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {_variable_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        sys.stderr.write("atelier: invalid settings:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
