@@ -1,0 +1,167 @@
+"""The credit ledger. Money is sacred: every movement is one transaction holding a
+conditional balance update and a ledger row unique per (task, entry), so a retried
+charge or refund is a no-op and a refund can only follow a charge."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from atelier.db import ledger, users
+from atelier.errors import InsufficientCredits, InvalidRequest, UnknownUser
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Movement:
+    amount: int  # credits moved by this call (0 when it was already done)
+    balance: int
+    replayed: bool
+
+
+@dataclass
+class LedgerEntry:
+    id: int
+    task_id: str
+    entry: str
+    amount: int
+    reason: str
+    created_at: datetime
+
+
+def _insert_ignoring_duplicate(conn: AsyncConnection, **values):
+    """INSERT ... ON CONFLICT (task_id, entry) DO NOTHING, in the dialect at hand."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(ledger).values(**values).on_conflict_do_nothing(
+        index_elements=["task_id", "entry"]
+    )
+
+
+async def _balance(conn: AsyncConnection, user_id: str) -> int:
+    balance = (await conn.execute(select(users.c.balance).where(users.c.id == user_id))).scalar()
+    if balance is None:
+        raise UnknownUser(f"unknown user {user_id!r}")
+    return int(balance)
+
+
+async def charge(engine: AsyncEngine, *, task_id: str, user_id: str, amount: int, reason: str = "") -> Movement:
+    """Debit `amount` for `task_id`, once. Raises InsufficientCredits with nothing charged."""
+    if amount < 0:
+        raise InvalidRequest("a charge cannot be negative")
+    async with engine.begin() as conn:
+        inserted = await conn.execute(
+            _insert_ignoring_duplicate(
+                conn, user_id=user_id, task_id=task_id, entry="charge", amount=-amount,
+                reason=reason, created_at=_now(),
+            )
+        )
+        if inserted.rowcount == 0:
+            # Already charged: a retry. Report what the first call did.
+            row = (
+                await conn.execute(
+                    select(ledger.c.amount, ledger.c.user_id).where(
+                        ledger.c.task_id == task_id, ledger.c.entry == "charge"
+                    )
+                )
+            ).one()
+            if row.user_id != user_id:
+                raise InvalidRequest(f"task {task_id!r} was charged to another user")
+            return Movement(amount=-int(row.amount), balance=await _balance(conn, user_id), replayed=True)
+        # One atomic conditional debit: no read-then-write race, on SQLite or PostgreSQL.
+        debited = await conn.execute(
+            update(users)
+            .where(users.c.id == user_id, users.c.balance >= amount)
+            .values(balance=users.c.balance - amount)
+            .returning(users.c.balance)
+        )
+        new_balance = debited.scalar()
+        if new_balance is None:
+            balance = await _balance(conn, user_id)  # raises UnknownUser
+            await conn.rollback()  # drop the ledger row: nothing was charged
+            raise InsufficientCredits(f"balance {balance} is lower than the cost {amount}")
+        return Movement(amount=amount, balance=int(new_balance), replayed=False)
+
+
+async def refund(engine: AsyncEngine, *, task_id: str, user_id: str, reason: str = "") -> Movement:
+    """Give back what `task_id` was charged, at most once. No charge, no refund."""
+    async with engine.begin() as conn:
+        charged = (
+            await conn.execute(
+                select(ledger.c.amount, ledger.c.user_id).where(
+                    ledger.c.task_id == task_id, ledger.c.entry == "charge"
+                )
+            )
+        ).one_or_none()
+        if charged is None:
+            balance = await _balance(conn, user_id) if user_id else 0
+            return Movement(amount=0, balance=balance, replayed=False)
+        amount = -int(charged.amount)
+        inserted = await conn.execute(
+            _insert_ignoring_duplicate(
+                conn, user_id=charged.user_id, task_id=task_id, entry="refund", amount=amount,
+                reason=reason, created_at=_now(),
+            )
+        )
+        if inserted.rowcount == 0:
+            return Movement(amount=0, balance=await _balance(conn, charged.user_id), replayed=True)
+        credited = await conn.execute(
+            update(users)
+            .where(users.c.id == charged.user_id)
+            .values(balance=users.c.balance + amount)
+            .returning(users.c.balance)
+        )
+        return Movement(amount=amount, balance=int(credited.scalar_one()), replayed=False)
+
+
+async def grant(engine: AsyncEngine, *, user_id: str, amount: int, reason: str = "", grant_id: str | None = None) -> Movement:
+    """Add credits (an operator's top-up). Idempotent when the caller passes a grant_id."""
+    if amount <= 0:
+        raise InvalidRequest("a grant must be a positive number of credits")
+    grant_id = grant_id or f"grant-{uuid.uuid4()}"
+    async with engine.begin() as conn:
+        await _balance(conn, user_id)
+        inserted = await conn.execute(
+            _insert_ignoring_duplicate(
+                conn, user_id=user_id, task_id=grant_id, entry="grant", amount=amount,
+                reason=reason, created_at=_now(),
+            )
+        )
+        if inserted.rowcount == 0:
+            return Movement(amount=0, balance=await _balance(conn, user_id), replayed=True)
+        credited = await conn.execute(
+            update(users).where(users.c.id == user_id)
+            .values(balance=users.c.balance + amount).returning(users.c.balance)
+        )
+        return Movement(amount=amount, balance=int(credited.scalar_one()), replayed=False)
+
+
+async def balance(engine: AsyncEngine, user_id: str) -> int:
+    async with engine.connect() as conn:
+        return await _balance(conn, user_id)
+
+
+async def entries(engine: AsyncEngine, user_id: str, *, limit: int = 50, task_id: str | None = None) -> list[LedgerEntry]:
+    query = select(ledger).where(ledger.c.user_id == user_id)
+    if task_id is not None:
+        query = query.where(ledger.c.task_id == task_id)
+    query = query.order_by(ledger.c.id.desc()).limit(limit)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [LedgerEntry(r.id, r.task_id, r.entry, int(r.amount), r.reason, r.created_at) for r in rows]
+
+
+async def task_totals(engine: AsyncEngine, task_id: str) -> tuple[int, int]:
+    """(charged, refunded) for one task, read from the ledger itself."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(ledger.c.entry, ledger.c.amount).where(ledger.c.task_id == task_id))).all()
+    charged = sum(-int(r.amount) for r in rows if r.entry == "charge")
+    refunded = sum(int(r.amount) for r in rows if r.entry == "refund")
+    return charged, refunded

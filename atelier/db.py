@@ -1,0 +1,160 @@
+"""The product's own data: users, the credit ledger, works, uploads, model health, idempotency keys.
+
+SQLAlchemy 2 async, SQLite on one machine, PostgreSQL in production. The schema is created
+by Alembic migrations (`atelier db upgrade`); `metadata` here is their source of truth.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("balance >= 0", name="balance_not_negative"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # sha256 of the key; the key itself is shown once and never stored.
+    Column("key_hash", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+# One row per money movement. (task_id, entry) is unique: a retried charge or refund
+# finds its row and does nothing. Grants use a fresh id as task_id.
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("task_id", String(128), nullable=False),
+    Column("entry", String(16), nullable=False),  # charge | refund | grant
+    Column("amount", BigInteger, nullable=False),  # signed: charge < 0, refund/grant > 0
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("task_id", "entry", name="uq_ledger_task_entry"),
+    CheckConstraint("entry IN ('charge', 'refund', 'grant')", name="entry_kind"),
+    Index("ix_ledger_user_created", "user_id", "id"),
+)
+
+works = Table(
+    "works",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("task_id", String(128), nullable=False, unique=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("prompt", Text, nullable=False, server_default=""),
+    Column("images", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_works_user_created", "user_id", "created_at"),
+)
+
+# Who may read which blob: uploads (file_id given to the client) and generated outputs.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("blob_key", String(80), nullable=False),
+    Column("content_type", String(32), nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("origin", String(16), nullable=False),  # upload | output
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("user_id", "blob_key", "origin", name="uq_files_owner_blob"),
+    Index("ix_files_user_blob", "user_id", "blob_key"),
+)
+
+model_failures = Table(
+    "model_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(128), nullable=False),
+    Column("error_code", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_model_failures_model_at", "model", "at"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("body_hash", String(64), nullable=False),
+    Column("task_id", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+    """One engine per process. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that
+    concurrent writers queue instead of failing; PostgreSQL a sized pool."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - driver hook
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(conn):  # pragma: no cover - driver hook
+            # Take the write lock up front: no deadlock when two readers both try to write.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+async def create_schema_for_tests(engine: AsyncEngine) -> None:
+    """Tests only: production schemas come from Alembic migrations."""
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
