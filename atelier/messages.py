@@ -223,6 +223,7 @@ class AiRequest:
     model: str = ""
     provider: str = ""
     prompt: str = ""
+    style: str = ""
     images: list[StoredImage] = field(default_factory=list)
     parameters: dict[str, str] = field(default_factory=dict)
 
@@ -253,10 +254,15 @@ class SavedWork:
 
 @dataclass
 class NotifyRequest:
+    """Deliver the final generation object to a webhook; the activity renders and signs it."""
+
     task_id: str = ""
+    user_id: str = ""
     url: str = ""
-    # The final generation object, as the API would show it (JSON text, so the signature covers exact bytes).
-    body: str = ""
+    created_at: str = ""
+    completed_at: str = ""
+    result: GenerationResult = field(default_factory=GenerationResult)
+    retry_for_s: float = 6 * 3600.0
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""call_ai: read the input references, call the provider, heartbeat while waiting,
+store the output images and return their references."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+
+from activities.errors import to_application_error
+from atelier import model_health
+from atelier.blobstore import BlobStore
+from atelier.errors import AtelierError, ContentBlocked, ProviderRejected, ProviderUnavailable
+from atelier.images import prepare_image
+from atelier.messages import AiOutput, AiRequest, StoredImage
+from atelier.providers.base import GenerationInput, Provider, build_prompt
+
+# Outputs are bounded too: a provider is outside our control.
+MAX_OUTPUT_SIDE = 4096
+MAX_OUTPUT_PIXELS = 40_000_000
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(every_s: float):
+    """Heartbeat on a timer while the body awaits a slow call: a dead worker is noticed in
+    seconds, a slow provider is not mistaken for one."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class AiActivities:
+    def __init__(self, engine: AsyncEngine, blobs: BlobStore, providers: dict[str, Provider]) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self.providers = providers
+
+    @activity.defn
+    async def call_ai(self, req: AiRequest) -> AiOutput:
+        provider = self.providers.get(req.provider)
+        if provider is None:
+            raise to_application_error(ProviderRejected(f"provider {req.provider!r} is not configured on this worker"))
+        if not req.images:
+            raise to_application_error(ProviderRejected("no input images reached the AI call"))
+        timeout = activity.info().heartbeat_timeout
+        every = max(0.5, min(10.0, timeout.total_seconds() / 3)) if timeout else 10.0
+        prompt = build_prompt(req.kind, req.prompt, req.style, req.parameters)
+        try:
+            async with heartbeating(every):
+                generated = await provider.generate(
+                    GenerationInput(kind=req.kind, model=req.model, prompt=prompt, images=list(req.images),
+                                    parameters=dict(req.parameters))
+                )
+            if not generated:
+                raise ProviderRejected("the provider answered without an image")
+            stored = [await self._store(g.data) for g in generated]
+        except AtelierError as err:
+            if isinstance(err, (ProviderUnavailable, ProviderRejected)) and not isinstance(err, ContentBlocked):
+                await model_health.record_failure(self.engine, req.model, err.code)
+            raise to_application_error(err) from None
+        return AiOutput(images=stored, model=req.model, provider=req.provider)
+
+    async def _store(self, data: bytes) -> StoredImage:
+        prepared = await asyncio.to_thread(prepare_image, data, max_side=MAX_OUTPUT_SIDE, max_pixels=MAX_OUTPUT_PIXELS)
+        key = await self.blobs.put(prepared.data, prepared.content_type)
+        return StoredImage(key=key, content_type=prepared.content_type, width=prepared.width,
+                           height=prepared.height, size=len(prepared.data))

@@ -1,0 +1,57 @@
+"""The generation object as clients see it: one shape for the API and for webhooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from atelier.messages import StoredImage
+
+
+@dataclass
+class GenerationView:
+    id: str
+    kind: str
+    status: str
+    stage: str
+    progress: int
+    model: str | None = None
+    attempt: int = 0
+    error: dict[str, str] | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+    charged: int = 0
+    refunded: int = 0
+    work_id: str | None = None
+    images: list[StoredImage] = field(default_factory=list)
+
+
+def file_url(base_url: str, key: str) -> str:
+    return f"{base_url.rstrip('/')}/v1/files/{key}"
+
+
+def generation_object(view: GenerationView, *, base_url: str = "") -> dict[str, Any]:
+    result = None
+    if view.work_id or view.images:
+        result = {
+            "work_id": view.work_id,
+            "images": [
+                {"url": file_url(base_url, i.key), "width": i.width, "height": i.height,
+                 "content_type": i.content_type}
+                for i in view.images
+            ],
+        }
+    return {
+        "id": view.id,
+        "kind": view.kind,
+        "status": view.status,
+        "stage": view.stage,
+        "progress": view.progress,
+        "model": view.model,
+        "attempt": view.attempt,
+        "error": view.error,
+        "created_at": view.created_at,
+        "completed_at": view.completed_at,
+        "credits": {"charged": view.charged, "refunded": view.refunded},
+        "result": result,
+    }

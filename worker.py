@@ -1,0 +1,157 @@
+"""The worker: builds every dependency once and runs the Temporal worker(s).
+
+Two workers share one process and one client: the generation queue (workflows and the short
+activities) and the AI queue (only `call_ai`, with its own concurrency limit: the provider's
+quota), so long AI calls never starve the short steps. Scaling out is starting more of these.
+
+    python worker.py            # both queues
+    python worker.py --only ai  # only the AI queue (a separate pool of AI workers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from datetime import timedelta
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
+
+from activities.ai import AiActivities
+from activities.credits import CreditActivities
+from activities.images import ImageActivities
+from activities.models import ModelActivities
+from activities.notify import NotifyActivities
+from activities.works import WorkActivities
+from atelier.blobstore import BlobStore
+from atelier.catalogue import ModelEntry, load_catalogue
+from atelier.db import create_engine
+from atelier.downloader import Downloader, UrlGuard, build_http_client
+from atelier.providers import build_providers
+from atelier.providers.base import Provider
+from atelier.settings import Settings, load_settings
+from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
+
+log = logging.getLogger("atelier.worker")
+
+
+@dataclass
+class Dependencies:
+    settings: Settings
+    engine: AsyncEngine
+    blobs: BlobStore
+    http: httpx.AsyncClient
+    guard: UrlGuard
+    downloader: Downloader
+    providers: dict[str, Provider]
+    catalogue: list[ModelEntry]
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+def build_dependencies(settings: Settings) -> Dependencies:
+    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    blobs = BlobStore(settings.blob_dir, fsync=settings.blob_fsync)
+    http = build_http_client(settings.connect_timeout_s, settings.read_timeout_s)
+    guard = UrlGuard(allow_private=settings.allow_private_urls)
+    downloader = Downloader(http, guard, max_bytes=settings.max_download_bytes,
+                            max_redirects=settings.max_redirects, total_timeout_s=settings.download_total_timeout_s)
+    providers = build_providers(settings, http, blobs)
+    catalogue = load_catalogue(settings)
+    return Dependencies(settings, engine, blobs, http, guard, downloader, providers, catalogue)
+
+
+def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None = None,
+                  ai_task_queue: str | None = None, only: str = "all", **worker_options) -> list[Worker]:
+    """The workers of one process. `only` is 'all', 'main' (workflows and short steps) or 'ai'."""
+    s = deps.settings
+    task_queue = task_queue or s.task_queue
+    ai_task_queue = ai_task_queue or s.ai_task_queue
+    ai = AiActivities(deps.engine, deps.blobs, deps.providers)
+    short = [
+        CreditActivities(deps.engine).charge_credits,
+        CreditActivities(deps.engine).refund_credits,
+        ModelActivities(deps.engine, deps.catalogue, failure_threshold=s.model_failure_threshold,
+                        failure_window_s=s.model_failure_window_s,
+                        available_providers=set(deps.providers)).select_model,
+        ImageActivities(deps.engine, deps.blobs, deps.downloader, max_side=s.max_image_side,
+                        max_pixels=s.max_image_pixels).download_and_convert,
+        WorkActivities(deps.engine).save_work,
+        NotifyActivities(deps.http, deps.guard,
+                         secret=s.webhook_secret.get_secret_value() if s.webhook_secret else None,
+                         base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}").notify,
+    ]
+    common = dict(
+        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
+        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
+    )
+    common.update(worker_options)
+    workers: list[Worker] = []
+    same_queue = ai_task_queue == task_queue
+    if only in ("all", "main"):
+        workers.append(Worker(
+            client, task_queue=task_queue,
+            workflows=[GenerationWorkflow, WebhookDeliveryWorkflow],
+            activities=short + ([ai.call_ai] if same_queue else []),
+            max_concurrent_activities=s.max_concurrent_activities + (s.max_concurrent_ai_calls if same_queue else 0),
+            max_concurrent_workflow_tasks=s.max_concurrent_workflow_tasks,
+            max_cached_workflows=s.max_cached_workflows,
+            graceful_shutdown_timeout=timedelta(seconds=10),
+            **common,
+        ))
+    if only in ("all", "ai") and not same_queue:
+        workers.append(Worker(
+            client, task_queue=ai_task_queue, activities=[ai.call_ai],
+            max_concurrent_activities=s.max_concurrent_ai_calls,
+            graceful_shutdown_timeout=timedelta(seconds=10),
+            **common,
+        ))
+    return workers
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+
+
+async def run(only: str) -> None:
+    settings = load_settings()
+    deps = build_dependencies(settings)
+    client = await connect(settings)
+    workers = build_workers(client, deps, only=only)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker up: queues %s, provider %s, models %s",
+             [w.task_queue for w in workers], settings.provider, [m.name for m in deps.catalogue])
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for w in workers:
+                await stack.enter_async_context(w)
+            await stop.wait()
+            log.info("draining: no new tasks taken, running ones finish (up to 10 s)")
+    finally:
+        await deps.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the Atelier Temporal worker.")
+    parser.add_argument("--only", choices=["all", "main", "ai"], default="all",
+                        help="which task queues this process serves (default: all)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(args.only))
+
+
+if __name__ == "__main__":
+    main()
