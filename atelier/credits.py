@@ -57,6 +57,7 @@ async def charge(engine: AsyncEngine, *, task_id: str, user_id: str, amount: int
     if amount < 0:
         raise InvalidRequest("a charge cannot be negative")
     async with engine.begin() as conn:
+        await _balance(conn, user_id)  # unknown user: a clear error, not a foreign-key failure
         inserted = await conn.execute(
             _insert_ignoring_duplicate(
                 conn, user_id=user_id, task_id=task_id, entry="charge", amount=-amount,

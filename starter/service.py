@@ -1,0 +1,223 @@
+"""Start, read and cancel generations: what the API and the command line share.
+
+Nothing here does the work: it starts a workflow and reads the workflow's own state.
+Reading works while the workflow runs (the `progress` query), after it closed (describe
+and result, from history: no worker needed) and while no worker is up (describe: the
+pending activity, its attempt and last failure).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from atelier import credits
+from atelier.messages import (
+    SA_KIND,
+    SA_STATUS,
+    SA_USER_ID,
+    GenerationRequest,
+    GenerationResult,
+    ImageInput,
+    Progress,
+    Stage,
+    Status,
+    StoredImage,
+    Timeouts,
+)
+from atelier.representation import GenerationView
+from atelier.settings import Settings
+from atelier.validation import validate_request
+from workflows.generation import PERCENT, GenerationWorkflow
+
+USER_KEY = SearchAttributeKey.for_keyword(SA_USER_ID)
+KIND_KEY = SearchAttributeKey.for_keyword(SA_KIND)
+STATUS_KEY = SearchAttributeKey.for_keyword(SA_STATUS)
+
+# Which stage a pending activity means, when the workflow cannot be queried.
+STAGE_OF_ACTIVITY = {
+    "charge_credits": Stage.CHARGING,
+    "select_model": Stage.SELECTING_MODEL,
+    "download_and_convert": Stage.DOWNLOADING,
+    "call_ai": Stage.GENERATING,
+    "save_work": Stage.SAVING,
+    "refund_credits": Stage.REFUNDING,
+}
+
+QUERY_TIMEOUT = timedelta(seconds=2)
+
+
+def new_task_id() -> str:
+    return f"gen_{uuid.uuid4().hex}"
+
+
+def timeouts_from(settings: Settings) -> Timeouts:
+    return Timeouts(
+        short_start_to_close_s=settings.short_timeout_s,
+        download_start_to_close_s=settings.download_timeout_s,
+        download_heartbeat_s=settings.download_heartbeat_s,
+        ai_start_to_close_s=settings.ai_timeout_s,
+        ai_heartbeat_s=settings.ai_heartbeat_s,
+        ai_schedule_to_start_s=settings.ai_schedule_to_start_s,
+        ai_max_attempts=settings.ai_max_attempts,
+        notify_schedule_to_close_s=settings.webhook_retry_hours * 3600,
+        deadline_s=settings.generation_deadline_s,
+    )
+
+
+def build_request(settings: Settings, *, user_id: str, kind: str, images: list[ImageInput], prompt: str = "",
+                  style: str = "", parameters: dict[str, str] | None = None, webhook_url: str | None = None,
+                  task_id: str | None = None, timeouts: Timeouts | None = None) -> GenerationRequest:
+    """A typed, validated request. Raises InvalidRequest before anything starts."""
+    req = GenerationRequest(
+        task_id=task_id or new_task_id(), user_id=user_id, kind=kind, images=list(images), prompt=prompt,
+        style=style, parameters=dict(parameters or {}), webhook_url=webhook_url,
+        cost=settings.cost_of(kind) if kind in ("photography", "fitting") else 0,
+        ai_task_queue=settings.ai_task_queue, timeouts=timeouts or timeouts_from(settings),
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
+    validate_request(req)
+    return req
+
+
+async def start_generation(client: Client, req: GenerationRequest, *, task_queue: str) -> WorkflowHandle:
+    """Start the workflow and return at once: the API never waits on the work."""
+    return await client.start_workflow(
+        GenerationWorkflow.run,
+        req,
+        id=req.task_id,
+        task_queue=task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(USER_KEY, req.user_id),
+            SearchAttributePair(KIND_KEY, req.kind),
+            SearchAttributePair(STATUS_KEY, Status.QUEUED.value),
+        ]),
+        static_summary=f"{req.kind} for {req.user_id} ({len(req.images)} image(s), {req.cost} credits)",
+    )
+
+
+@dataclass
+class GenerationState:
+    """What a reader learns of one generation; `view` is what clients see."""
+
+    view: GenerationView
+    user_id: str
+    running: bool
+    source: str  # query | history | describe
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).isoformat() if value else None
+
+
+def _stored(images) -> list[StoredImage]:
+    return [i if isinstance(i, StoredImage) else StoredImage(**i) for i in images or []]
+
+
+def _view_from_result(task_id: str, kind: str, r: GenerationResult, desc: WorkflowExecutionDescription) -> GenerationView:
+    return GenerationView(
+        id=task_id, kind=r.kind or kind, status=r.status, stage=Stage.DONE.value, progress=100, model=r.model,
+        error={"code": r.error_code, "message": r.error or ""} if r.error_code else None,
+        created_at=_iso(desc.start_time), completed_at=_iso(desc.close_time),
+        charged=r.credits_charged, refunded=r.credits_refunded, work_id=r.work_id, images=_stored(r.images),
+    )
+
+
+async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None) -> GenerationState | None:
+    """The state of one generation, or None if there is no such workflow."""
+    handle = client.get_workflow_handle(task_id)
+    try:
+        desc = await handle.describe()
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+    attrs = desc.typed_search_attributes
+    user_id = attrs.get(USER_KEY) or ""
+    kind = attrs.get(KIND_KEY) or ""
+    sa_status = attrs.get(STATUS_KEY) or Status.QUEUED.value
+    state: GenerationState
+
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        state = await _read_running(handle, desc, task_id, user_id, kind, sa_status)
+    elif desc.status == WorkflowExecutionStatus.COMPLETED:
+        result: GenerationResult = await handle.result(result_type=GenerationResult)
+        state = GenerationState(_view_from_result(task_id, kind, result, desc), user_id, False, "history")
+    elif desc.status == WorkflowExecutionStatus.FAILED:
+        state = GenerationState(await _failed_view(handle, desc, task_id, kind), user_id, False, "history")
+    else:
+        # Canceled (refund already ran inside the workflow), or terminated / timed out by an operator.
+        status = Status.CANCELED if desc.status == WorkflowExecutionStatus.CANCELED else Status.FAILED
+        error = {"code": "Canceled", "message": "canceled by request"} if status == Status.CANCELED else {
+            "code": "Terminated", "message": f"workflow {desc.status.name.lower()} by an operator"}
+        view = GenerationView(id=task_id, kind=kind, status=status.value, stage=Stage.DONE.value, progress=100,
+                              error=error, created_at=_iso(desc.start_time), completed_at=_iso(desc.close_time))
+        state = GenerationState(view, user_id, False, "describe")
+
+    if engine is not None:
+        # Money is read from the ledger itself: the one source of truth for credits.
+        state.view.charged, state.view.refunded = await credits.task_totals(engine, task_id)
+    return state
+
+
+async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> GenerationState:
+    try:
+        p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
+        view = GenerationView(
+            id=task_id, kind=p.kind or kind, status=p.status, stage=p.stage, progress=p.percent, model=p.model,
+            attempt=p.attempt,
+            error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
+            created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
+            work_id=p.work_id, images=_stored(p.images),
+        )
+        return GenerationState(view, user_id, True, "query")
+    except RPCError:
+        pass
+    # No worker answered: describe still knows the pending activity, its attempt and last failure.
+    raw = await handle.describe()
+    stage, attempt, error = Stage.QUEUED, 0, None
+    pending = list(raw.raw_description.pending_activities)
+    if pending:
+        act = pending[0]
+        stage = STAGE_OF_ACTIVITY.get(act.activity_type.name, Stage.QUEUED)
+        attempt = act.attempt
+        if act.HasField("last_failure") and act.last_failure.message:
+            error = {"code": act.last_failure.application_failure_info.type or "ActivityFailure",
+                     "message": act.last_failure.message}
+    view = GenerationView(id=task_id, kind=kind, status=sa_status, stage=stage.value, progress=PERCENT[stage],
+                          attempt=attempt, error=error, created_at=_iso(desc.start_time))
+    return GenerationState(view, user_id, True, "describe")
+
+
+async def _failed_view(handle, desc, task_id, kind) -> GenerationView:
+    try:
+        await handle.result()
+    except WorkflowFailureError as failure:
+        cause = failure.cause
+        if isinstance(cause, ApplicationError) and cause.details:
+            detail = cause.details[0]
+            r = GenerationResult(**detail) if isinstance(detail, dict) else detail
+            return _view_from_result(task_id, kind, r, desc)
+        message = str(cause) if cause else "the workflow failed"
+        return GenerationView(id=task_id, kind=kind, status=Status.FAILED.value, stage=Stage.DONE.value,
+                              progress=100, error={"code": getattr(cause, "type", None) or "Internal", "message": message},
+                              created_at=_iso(desc.start_time), completed_at=_iso(desc.close_time))
+    raise RuntimeError("a failed workflow returned a result")  # pragma: no cover - Temporal invariant
+
+
+async def cancel_generation(client: Client, task_id: str) -> None:
+    await client.get_workflow_handle(task_id).cancel()

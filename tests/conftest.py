@@ -1,0 +1,182 @@
+"""Shared test fixtures: one real Temporal dev server for the session, a fresh task queue,
+database and blob folder for each test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.testing import WorkflowEnvironment
+
+from atelier import credits, users, works
+from atelier.db import create_schema_for_tests
+from atelier.messages import SEARCH_ATTRIBUTES, ImageInput, StoredImage, Timeouts
+from atelier.settings import Settings
+from starter.service import build_request, start_generation
+from worker import Dependencies, build_dependencies, build_workers
+
+HERE = Path(__file__).parent
+TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
+SEARCH_ATTRIBUTE_KEYS = [SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES]
+
+# ---- process exit -----------------------------------------------------------------------
+# The Temporal SDK can abort at interpreter exit (PyGILState_Release). The tests are over by
+# then: leave with pytest's own status, not the abort's.
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _exit_status and os.environ.get("ATELIER_TEST_HARD_EXIT", "1") == "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])
+
+
+# ---- the server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def temporal_env():
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_BIN),
+        search_attributes=SEARCH_ATTRIBUTE_KEYS,
+        dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def temporal_address(temporal_env) -> str:
+    return temporal_env.client.service_client.config.target_host
+
+
+@pytest.fixture
+def client(temporal_env) -> Client:
+    return temporal_env.client
+
+
+# ---- per-test world ---------------------------------------------------------------------
+
+FAST_TIMEOUTS = Timeouts(
+    short_start_to_close_s=10, download_start_to_close_s=30, download_heartbeat_s=10,
+    ai_start_to_close_s=60, ai_heartbeat_s=5, ai_schedule_to_start_s=120, ai_max_attempts=3,
+    notify_schedule_to_close_s=120, deadline_s=600,
+)
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = dict(
+        database_url=os.environ.get("ATELIER_TEST_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp_path}/atelier.db",
+        blob_dir=tmp_path / "blobs",
+        blob_fsync=False,
+        allow_private_urls=True,  # fake servers live on loopback
+        local_ai_delay_s=0.0,
+        ai_provider="local",
+        task_queue=f"tq-{uuid.uuid4().hex[:12]}",
+        ai_task_queue=f"ai-{uuid.uuid4().hex[:12]}",
+        webhook_secret="whsec_" + "dGVzdC1zZWNyZXQtMTIzNDU2Nzg5MA==",
+        admin_token="admin-test-token",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Harness:
+    """One test's world: settings, dependencies and a unique pair of task queues."""
+
+    client: Client
+    settings: Settings
+    deps: Dependencies
+    timeouts: Timeouts = field(default_factory=lambda: FAST_TIMEOUTS)
+
+    @property
+    def engine(self):
+        return self.deps.engine
+
+    @contextlib.asynccontextmanager
+    async def worker(self, **options):
+        workers = build_workers(self.client, self.deps, **options)
+        async with contextlib.AsyncExitStack() as stack:
+            for w in workers:
+                await stack.enter_async_context(w)
+            yield workers
+
+    async def user(self, credits_: int = 100) -> str:
+        new = await users.create_user(self.engine)
+        if credits_:
+            await credits.grant(self.engine, user_id=new.user_id, amount=credits_, reason="test")
+        return new.user_id
+
+    async def upload(self, user_id: str, data: bytes) -> str:
+        """Store an image as the API's upload route would, and return its file_id."""
+        from atelier.images import prepare_image
+
+        prepared = prepare_image(data, max_side=self.settings.max_image_side)
+        key = await self.deps.blobs.put(prepared.data, prepared.content_type)
+        image = StoredImage(key, prepared.content_type, prepared.width, prepared.height, len(prepared.data))
+        return await works.record_upload(self.engine, user_id=user_id, image=image)
+
+    def request(self, user_id: str, kind: str, images: list[ImageInput], **kw):
+        kw.setdefault("timeouts", self.timeouts)
+        return build_request(self.settings, user_id=user_id, kind=kind, images=images, **kw)
+
+    async def start(self, user_id: str, kind: str, images: list[ImageInput], **kw):
+        return await start_generation(self.client, self.request(user_id, kind, images, **kw),
+                                      task_queue=self.settings.task_queue)
+
+    async def ledger(self, task_id: str) -> tuple[int, int]:
+        return await credits.task_totals(self.engine, task_id)
+
+    async def balance(self, user_id: str) -> int:
+        return await credits.balance(self.engine, user_id)
+
+
+@pytest.fixture
+async def harness_factory(client, tmp_path):
+    made: list[Harness] = []
+
+    async def make(**overrides) -> Harness:
+        settings = make_settings(tmp_path, **overrides)
+        deps = build_dependencies(settings)
+        await create_schema_for_tests(deps.engine)
+        h = Harness(client=client, settings=settings, deps=deps)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.deps.aclose()
+
+
+@pytest.fixture
+async def harness(harness_factory) -> Harness:
+    return await harness_factory()
+
+
+async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.1):
+    """Poll an async predicate until it returns a truthy value (bounded in time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

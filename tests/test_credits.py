@@ -1,0 +1,153 @@
+"""The ledger on its own: atomic, idempotent, never negative. Checked on the ledger rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from sqlalchemy import func, select
+
+from atelier import credits, users
+from atelier.db import create_engine, create_schema_for_tests, ledger
+from atelier.errors import InsufficientCredits, InvalidRequest, UnknownUser
+
+
+@pytest.fixture
+async def engine(tmp_path):
+    url = os.environ.get("ATELIER_TEST_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
+    eng = create_engine(url)
+    await create_schema_for_tests(eng)
+    yield eng
+    await eng.dispose()
+
+
+async def _user(engine, amount: int) -> str:
+    u = await users.create_user(engine)
+    if amount:
+        await credits.grant(engine, user_id=u.user_id, amount=amount, reason="test")
+    return u.user_id
+
+
+async def _rows(engine, task_id: str) -> list[tuple[str, int]]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(ledger.c.entry, ledger.c.amount).where(ledger.c.task_id == task_id))).all()
+    return sorted((r.entry, int(r.amount)) for r in rows)
+
+
+async def test_charge_is_idempotent_by_task(engine):
+    user = await _user(engine, 100)
+    first = await credits.charge(engine, task_id="t1", user_id=user, amount=30)
+    again = await credits.charge(engine, task_id="t1", user_id=user, amount=30)
+    assert (first.amount, first.balance, first.replayed) == (30, 70, False)
+    assert (again.amount, again.balance, again.replayed) == (30, 70, True)
+    assert await credits.balance(engine, user) == 70
+    assert await _rows(engine, "t1") == [("charge", -30)]
+
+
+async def test_insufficient_credits_charges_nothing(engine):
+    user = await _user(engine, 5)
+    with pytest.raises(InsufficientCredits):
+        await credits.charge(engine, task_id="t2", user_id=user, amount=10)
+    assert await credits.balance(engine, user) == 5
+    assert await _rows(engine, "t2") == []
+    # And a later charge of the same task, once the user can pay, goes through.
+    await credits.grant(engine, user_id=user, amount=5)
+    moved = await credits.charge(engine, task_id="t2", user_id=user, amount=10)
+    assert (moved.amount, moved.balance) == (10, 0)
+
+
+async def test_refund_only_after_charge_and_only_once(engine):
+    user = await _user(engine, 50)
+    nothing = await credits.refund(engine, task_id="t3", user_id=user)
+    assert nothing.amount == 0 and await _rows(engine, "t3") == []
+    await credits.charge(engine, task_id="t3", user_id=user, amount=20)
+    first = await credits.refund(engine, task_id="t3", user_id=user)
+    second = await credits.refund(engine, task_id="t3", user_id=user)
+    assert (first.amount, first.balance) == (20, 50)
+    assert (second.amount, second.replayed) == (0, True)
+    assert await _rows(engine, "t3") == [("charge", -20), ("refund", 20)]
+    assert await credits.task_totals(engine, "t3") == (20, 20)
+
+
+async def test_unknown_user_and_bad_amounts(engine):
+    with pytest.raises(UnknownUser):
+        await credits.charge(engine, task_id="t4", user_id="nobody", amount=1)
+    assert await _rows(engine, "t4") == []
+    user = await _user(engine, 0)
+    with pytest.raises(InvalidRequest):
+        await credits.grant(engine, user_id=user, amount=0)
+    with pytest.raises(InvalidRequest):
+        await credits.charge(engine, task_id="t5", user_id=user, amount=-5)
+
+
+async def test_charge_of_a_task_by_another_user_is_refused(engine):
+    a, b = await _user(engine, 50), await _user(engine, 50)
+    await credits.charge(engine, task_id="shared", user_id=a, amount=10)
+    with pytest.raises(InvalidRequest):
+        await credits.charge(engine, task_id="shared", user_id=b, amount=10)
+    assert await credits.balance(engine, b) == 50
+
+
+async def test_concurrent_charges_never_overdraw(engine):
+    """40 concurrent charges of 10 against a balance of 100: exactly 10 succeed."""
+    user = await _user(engine, 100)
+
+    async def one(i: int):
+        try:
+            return await credits.charge(engine, task_id=f"c{i}", user_id=user, amount=10)
+        except InsufficientCredits:
+            return None
+
+    results = await asyncio.gather(*(one(i) for i in range(40)))
+    assert sum(1 for r in results if r is not None) == 10
+    assert await credits.balance(engine, user) == 0
+    async with engine.connect() as conn:
+        charged = (await conn.execute(
+            select(func.count()).select_from(ledger).where(ledger.c.user_id == user, ledger.c.entry == "charge")
+        )).scalar_one()
+    assert charged == 10
+
+
+async def test_concurrent_refunds_of_one_charge_refund_once(engine):
+    user = await _user(engine, 30)
+    await credits.charge(engine, task_id="r1", user_id=user, amount=30)
+    results = await asyncio.gather(*(credits.refund(engine, task_id="r1", user_id=user) for _ in range(30)))
+    assert sum(r.amount for r in results) == 30
+    assert await credits.balance(engine, user) == 30
+    assert await _rows(engine, "r1") == [("charge", -30), ("refund", 30)]
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["charge", "refund"]), st.integers(0, 5), st.integers(0, 40)),
+                    min_size=1, max_size=25),
+       start=st.integers(0, 100))
+async def test_ledger_property_balance_equals_sum_of_entries(engine, ops, start):
+    """Any sequence of (possibly repeated) charges and refunds keeps: balance = grants - charges
+    + refunds, balance >= 0, at most one charge and one refund per task, refund = charge."""
+    user = await _user(engine, start)
+    prefix = uuid.uuid4().hex[:8]
+    for op, task, amount in ops:
+        task_id = f"{prefix}-{task}"
+        if op == "charge":
+            try:
+                await credits.charge(engine, task_id=task_id, user_id=user, amount=amount)
+            except (InsufficientCredits, InvalidRequest):
+                pass
+        else:
+            await credits.refund(engine, task_id=task_id, user_id=user)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(ledger.c.task_id, ledger.c.entry, ledger.c.amount)
+                                   .where(ledger.c.user_id == user))).all()
+    total = sum(int(r.amount) for r in rows)
+    bal = await credits.balance(engine, user)
+    assert bal == total and bal >= 0
+    per_task: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        per_task.setdefault((r.task_id, r.entry), []).append(int(r.amount))
+    assert all(len(v) == 1 for v in per_task.values())
+    for (task_id, entry), (amount,) in per_task.items():
+        if entry == "refund":
+            assert per_task[(task_id, "charge")] == [-amount]
