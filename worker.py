@@ -47,6 +47,7 @@ class Dependencies:
     engine: AsyncEngine
     blobs: BlobStore
     http: httpx.AsyncClient
+    provider_http: httpx.AsyncClient
     guard: UrlGuard
     downloader: Downloader
     providers: dict[str, Provider]
@@ -56,6 +57,7 @@ class Dependencies:
         for provider in self.providers.values():
             await provider.aclose()
         await self.http.aclose()
+        await self.provider_http.aclose()
         await self.engine.dispose()
 
 
@@ -66,9 +68,16 @@ def build_dependencies(settings: Settings) -> Dependencies:
     guard = UrlGuard(allow_private=settings.allow_private_urls)
     downloader = Downloader(http, guard, max_bytes=settings.max_download_bytes,
                             max_redirects=settings.max_redirects, total_timeout_s=settings.download_total_timeout_s)
-    providers = build_providers(settings, http, blobs)
+    # Providers get their own pooled client: user URLs are fetched without keep-alive (each
+    # request pinned to the address the guard checked), provider calls reuse connections.
+    provider_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.gemini_timeout_s, connect=settings.connect_timeout_s),
+        limits=httpx.Limits(max_connections=settings.max_concurrent_ai_calls, max_keepalive_connections=100),
+        trust_env=False,
+    )
+    providers = build_providers(settings, provider_http, blobs)
     catalogue = load_catalogue(settings)
-    return Dependencies(settings, engine, blobs, http, guard, downloader, providers, catalogue)
+    return Dependencies(settings, engine, blobs, http, provider_http, guard, downloader, providers, catalogue)
 
 
 def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None = None,

@@ -15,7 +15,7 @@ from atelier.blobstore import BlobStore
 from atelier.errors import AtelierError, ContentBlocked, ProviderRejected, ProviderUnavailable
 from atelier.images import prepare_image
 from atelier.messages import AiOutput, AiRequest, StoredImage
-from atelier.providers.base import GenerationInput, Provider, build_prompt
+from atelier.providers.base import GenerationInput, Provider
 
 # Outputs are bounded too: a provider is outside our control.
 MAX_OUTPUT_SIDE = 4096
@@ -56,12 +56,11 @@ class AiActivities:
             raise to_application_error(ProviderRejected("no input images reached the AI call"))
         timeout = activity.info().heartbeat_timeout
         every = max(0.5, min(10.0, timeout.total_seconds() / 3)) if timeout else 10.0
-        prompt = build_prompt(req.kind, req.prompt, req.style, req.parameters)
         try:
             async with heartbeating(every):
                 generated = await provider.generate(
-                    GenerationInput(kind=req.kind, model=req.model, prompt=prompt, images=list(req.images),
-                                    parameters=dict(req.parameters))
+                    GenerationInput(kind=req.kind, model=req.model, prompt=req.prompt, style=req.style,
+                                    images=list(req.images), parameters=dict(req.parameters))
                 )
             if not generated:
                 raise ProviderRejected("the provider answered without an image")

@@ -1,0 +1,293 @@
+"""GenerationWorkflow end to end on a real Temporal dev server, real activities, a real
+SQLite database, and fake providers that are real HTTP servers on loopback.
+
+Every money assertion reads the ledger itself: for each task, charged - refunded equals the
+cost if completed and 0 otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+
+import pytest
+from PIL import Image
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from atelier import works
+from atelier.errors import InvalidRequest
+from atelier.messages import GenerationRequest, GenerationResult, ImageInput, Status
+from starter.service import read_generation, start_generation
+from tests.conftest import wait_for
+from tests.fakes import images as fake_images
+from tests.fakes.gemini_server import FakeGemini, Reply
+from tests.fakes.http_server import FakeHttpServer
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    """A PNG of random pixels: incompressible, so it is as big as it looks (~3 bytes a pixel)."""
+    image = Image.frombytes("RGB", (width, height), __import__("random").Random(seed).randbytes(width * height * 3))
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+PRIMARY, SECONDARY = "gemini-2.5-flash-image", "gemini-3-pro-image-preview"
+
+
+async def assert_money(h, task_id: str, status: Status, cost: int) -> None:
+    charged, refunded = await h.ledger(task_id)
+    if status == Status.COMPLETED:
+        assert (charged, refunded) == (cost, 0)
+    elif status == Status.REJECTED:
+        assert (charged, refunded) == (0, 0)
+    else:
+        assert charged == refunded and charged in (0, cost)
+
+
+async def gemini_harness(harness_factory, fake: FakeGemini, **overrides):
+    return await harness_factory(ai_provider="gemini", gemini_api_key="test-key", gemini_base_url=fake.url,
+                                 **overrides)
+
+
+async def inputs(h, user_id: str, n: int) -> list[ImageInput]:
+    return [ImageInput(file_id=await h.upload(user_id, fake_images.jpeg(320 + i * 16, 240)))
+            for i in range(n)]
+
+
+# ---- success -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,count", [("photography", 2), ("fitting", 3)])
+async def test_local_provider_completes_both_kinds(harness, kind, count):
+    h = harness
+    user = await h.user(100)
+    async with h.worker():
+        handle = await h.start(user, kind, await inputs(h, user, count), prompt="soft light", style="studio")
+        result: GenerationResult = await handle.result()
+    assert result.status == "completed" and result.work_id and len(result.images) == 1
+    out = result.images[0]
+    assert h.deps.blobs.exists(out.key)
+    assert Image.open(io.BytesIO(await h.deps.blobs.get(out.key))).size == (out.width, out.height)
+    work = await works.work_for_task(h.engine, handle.id)
+    assert work is not None and work.user_id == user and work.model == "local-studio"
+    cost = h.settings.cost_of(kind)
+    await assert_money(h, handle.id, Status.COMPLETED, cost)
+    assert await h.balance(user) == 100 - cost
+
+
+async def test_gemini_receives_every_image_with_its_type(harness_factory):
+    """The old system dropped user images on the way to the AI: every input must arrive."""
+    with FakeHttpServer() as files:
+        files.route("/person.png", body=fake_images.png(300, 400), headers={"Content-Type": "image/png"})
+        # A lying header: the bytes are a JPEG. Sniffing decides, not the header.
+        files.route("/shirt.jpg", body=fake_images.jpeg(200, 200), headers={"Content-Type": "text/plain"})
+        async with FakeGemini(api_key="test-key") as fake:
+            h = await gemini_harness(harness_factory, fake)
+            user = await h.user(100)
+            alpha_id = await h.upload(user, fake_images.png_with_alpha(120, 120))
+            images = [ImageInput(url=files.url("/person.png")), ImageInput(url=files.url("/shirt.jpg")),
+                      ImageInput(file_id=alpha_id)]
+            async with h.worker():
+                handle = await h.start(user, "fitting", images, prompt="a linen shirt")
+                result = await handle.result()
+            assert result.status == "completed" and result.model == PRIMARY
+            (request,) = fake.requests
+            assert request.model == PRIMARY and request.key_ok
+            assert [i.mime_type for i in request.inline_images] == ["image/jpeg", "image/jpeg", "image/png"]
+            assert all(i.size > 0 for i in request.inline_images)
+            assert any("linen shirt" in t for t in request.texts)
+    await assert_money(h, handle.id, Status.COMPLETED, h.settings.cost_fitting)
+
+
+# ---- refused before any charge -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["images", "prompt", "model", "Images"])
+async def test_reserved_parameter_keys_are_refused_before_any_charge(harness, key):
+    h = harness
+    user = await h.user(100)
+    with pytest.raises(InvalidRequest, match="reserved"):
+        h.request(user, "photography", [ImageInput(url="https://example.com/a.jpg")], parameters={key: "x"})
+    # A request that skips the starter's check is refused by the workflow itself, uncharged.
+    req = GenerationRequest(task_id=f"gen_{uuid.uuid4().hex}", user_id=user, kind="photography",
+                            images=[ImageInput(file_id="fil_x")], parameters={key: "x"}, cost=10,
+                            timeouts=h.timeouts)
+    async with h.worker():
+        result = await (await start_generation(h.client, req, task_queue=h.settings.task_queue)).result()
+    assert result.status == "rejected" and result.error_code == "InvalidRequest"
+    assert "reserved" in result.error
+    await assert_money(h, req.task_id, Status.REJECTED, 10)
+    assert await h.balance(user) == 100
+
+
+async def test_insufficient_credits_rejected_nothing_charged_no_ai_call(harness_factory):
+    async with FakeGemini(api_key="test-key") as fake:
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(5)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+        assert result.status == "rejected" and result.error_code == "InsufficientCredits"
+        assert fake.requests == []
+    await assert_money(h, handle.id, Status.REJECTED, 10)
+    assert await h.balance(user) == 5
+    assert await works.work_for_task(h.engine, handle.id) is None
+
+
+# ---- slow, failing, retried, falling back ---------------------------------------------------------
+
+
+async def test_ai_call_slower_than_any_rpc_default_completes(harness_factory):
+    """A 21 s AI call with a 5 s heartbeat timeout: heartbeats keep it alive; never failed."""
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.slow(21)])
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+        assert result.status == "completed"
+        assert len(fake.requests) == 1  # one call: no retry, no timeout
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
+@pytest.mark.parametrize("reply,code", [
+    (Reply.status(400, message="bad request"), "ProviderRejected"),
+    (Reply.blocked("SAFETY"), "ContentBlocked"),
+])
+async def test_provider_fails_for_good_refunds_once(harness_factory, reply, code):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.default = reply
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            with pytest.raises(WorkflowFailureError) as failure:
+                await handle.result()
+        cause = failure.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == code
+        if code == "ContentBlocked":
+            assert len(fake.requests) == 1  # blocked content: no retry, no other model
+        else:
+            assert {r.model for r in fake.requests} == {PRIMARY, SECONDARY}  # 400: next model tried too
+    await assert_money(h, handle.id, Status.FAILED, 10)
+    assert await h.ledger(handle.id) == (10, 10)
+    assert await h.balance(user) == 100
+    state = await read_generation(h.client, handle.id, engine=h.engine)
+    assert state.view.status == "failed" and state.view.error["code"] == code
+    assert (state.view.charged, state.view.refunded) == (10, 10)
+
+
+async def test_rate_limited_then_success_charges_once(harness_factory):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.status(429, retry_after=1), Reply.ok()])
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+        assert result.status == "completed" and result.model == PRIMARY
+        assert [r.model for r in fake.requests] == [PRIMARY, PRIMARY]
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
+async def test_primary_model_down_falls_back_to_second(harness_factory):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.status(503, retry_after=1)] * 3)
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+        assert result.status == "completed" and result.model == SECONDARY
+        assert [r.model for r in fake.requests] == [PRIMARY] * 3 + [SECONDARY]
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
+# ---- cancellation ------------------------------------------------------------------------------
+
+
+async def test_cancel_during_ai_call_refunds_once(harness_factory):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.hang()])
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            await fake.wait_for_requests(1, timeout_s=20)
+            state = await read_generation(h.client, handle.id)
+            assert state.view.stage == "generating" and state.view.status == "running"
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError) as failure:
+                await handle.result()
+        assert isinstance(failure.value.cause, CancelledError)
+    assert await h.ledger(handle.id) == (10, 10)
+    assert await h.balance(user) == 100
+    state = await read_generation(h.client, handle.id, engine=h.engine)
+    assert state.view.status == "canceled" and (state.view.charged, state.view.refunded) == (10, 10)
+
+
+# ---- a worker killed mid-call --------------------------------------------------------------------
+
+
+async def test_worker_killed_during_ai_call_completes_once(harness_factory, temporal_address, tmp_path):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.hang()])  # the first call never answers: its worker dies
+        h = await gemini_harness(harness_factory, fake)
+        h.timeouts.ai_heartbeat_s = 3  # a dead worker is noticed in seconds
+        user = await h.user(100)
+        env = dict(os.environ)
+        env.update({
+            "ATELIER_TEMPORAL_ADDRESS": temporal_address,
+            "ATELIER_DATABASE_URL": h.settings.database_url,
+            "ATELIER_BLOB_DIR": str(h.settings.blob_dir),
+            "ATELIER_TASK_QUEUE": h.settings.task_queue,
+            "ATELIER_AI_TASK_QUEUE": h.settings.ai_task_queue,
+            "ATELIER_AI_PROVIDER": "gemini",
+            "GEMINI_API_KEY": "test-key",
+            "GEMINI_BASE_URL": fake.url,
+            "ATELIER_ALLOW_PRIVATE_URLS": "1",
+        })
+        log = open(tmp_path / "worker.log", "wb")
+        worker_cmd = [os.sys.executable, "worker.py"]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = await asyncio.create_subprocess_exec(*worker_cmd, cwd=root, env=env, stdout=log, stderr=log)
+        try:
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            await fake.wait_for_requests(1, timeout_s=30)
+            proc.kill()  # SIGKILL: no goodbye
+            await proc.wait()
+            proc = await asyncio.create_subprocess_exec(*worker_cmd, cwd=root, env=env, stdout=log, stderr=log)
+            result = await asyncio.wait_for(handle.result(), timeout=90)
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            log.close()
+        assert result.status == "completed"
+        assert len(fake.requests) == 2  # the killed attempt, then the retry on the new worker
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+    work = await works.work_for_task(h.engine, handle.id)
+    assert work is not None and work.id == result.work_id
+
+
+# ---- history stays small ---------------------------------------------------------------------------
+
+
+async def test_history_has_no_image_bytes(harness, client):
+    h = harness
+    user = await h.user(100)
+    big = [noise_png(1700, 1700, seed=i) for i in range(2)]
+    assert all(len(b) > 8_000_000 for b in big)
+    with FakeHttpServer() as files:
+        for i, data in enumerate(big):
+            files.route(f"/big{i}.png", body=data, headers={"Content-Type": "image/png"})
+        async with h.worker():
+            handle = await h.start(user, "photography", [ImageInput(url=files.url(f"/big{i}.png")) for i in range(2)])
+            result = await handle.result()
+    assert result.status == "completed"
+    history = await handle.fetch_history()
+    size = len(history.to_json().encode())
+    assert size < 64 * 1024, f"history is {size} bytes"
