@@ -1,0 +1,107 @@
+"""Replay: recorded histories must replay against the current workflow code.
+
+This is the gate for every workflow change: if a change alters the commands an old history
+issued, replay fails here, and the change needs `workflow.patched()`.
+
+Re-record the histories (after an intended, patched change) with:
+
+    ATELIER_RECORD_HISTORIES=1 .venv/bin/python -m pytest tests/test_replay.py -k record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowFailureError, WorkflowHistory
+from temporalio.worker import Replayer
+
+from atelier.messages import ImageInput
+from tests.fakes import images as fake_images
+from tests.fakes.gemini_server import FakeGemini, Reply
+from tests.reordered_workflow import ReorderedGenerationWorkflow
+from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook"]
+PRIMARY = "gemini-2.5-flash-image"
+
+
+def load(name: str) -> WorkflowHistory:
+    path = HISTORIES / f"{name}.json"
+    return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+def test_every_required_history_is_recorded():
+    missing = [n for n in REQUIRED if not (HISTORIES / f"{n}.json").is_file()]
+    assert not missing, f"record them: ATELIER_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record ({missing})"
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+async def test_recorded_history_replays_against_current_code(name):
+    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow])
+    result = await replayer.replay_workflow(load(name), raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+
+
+async def test_replay_catches_a_reordered_step():
+    replayer = Replayer(workflows=[ReorderedGenerationWorkflow, WebhookDeliveryWorkflow])
+    result = await replayer.replay_workflow(load("success"), raise_on_replay_failure=False)
+    assert result.replay_failure is not None
+    assert "nondetermin" in str(result.replay_failure).lower()
+
+
+# ---- recording -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("ATELIER_RECORD_HISTORIES") != "1", reason="set ATELIER_RECORD_HISTORIES=1 to re-record")
+async def test_record_histories(harness_factory):
+    HISTORIES.mkdir(exist_ok=True)
+
+    async def save(handle, name):
+        history = await handle.fetch_history()
+        (HISTORIES / f"{name}.json").write_text(history.to_json())
+
+    async with FakeGemini(api_key="test-key") as fake:
+        h = await harness_factory(ai_provider="gemini", gemini_api_key="test-key", gemini_base_url=fake.url)
+        user = await h.user(1000)
+        poor = await h.user(1)
+        photo = [ImageInput(file_id=await h.upload(user, fake_images.jpeg(200, 160)))]
+        async with h.worker():
+            handle = await h.start(user, "photography", photo, prompt="warm light")
+            await handle.result()
+            await save(handle, "success")
+
+            fake.plan(PRIMARY, [Reply.status(503, retry_after=1)] * 3)
+            handle = await h.start(user, "photography", photo)
+            await handle.result()
+            await save(handle, "model_fallback")
+
+            fake.default = Reply.status(400, message="bad request")
+            handle = await h.start(user, "photography", photo)
+            with pytest.raises(WorkflowFailureError):
+                await handle.result()
+            await save(handle, "failure_refund")
+            fake.default = Reply.ok()
+
+            fake.plan(PRIMARY, [Reply.hang()])
+            handle = await h.start(user, "photography", photo)
+            await fake.wait_for_requests(len(fake.requests) + 1, timeout_s=20)
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await handle.result()
+            await save(handle, "cancellation")
+
+            handle = await h.start(poor, "photography", [ImageInput(file_id=await h.upload(poor, fake_images.jpeg()))])
+            await handle.result()
+            await save(handle, "rejected")
+
+            from tests.fakes.webhook_receiver import WebhookReceiver
+
+            with WebhookReceiver(secret=h.settings.webhook_secret.get_secret_value()) as receiver:
+                handle = await h.start(user, "photography", photo, webhook_url=receiver.url("/hook"))
+                await handle.result()
+                await asyncio.wait_for(receiver.wait_for(1), timeout=30)
+                await save(handle, "success_webhook")
