@@ -93,6 +93,22 @@ class Settings(BaseSettings):
             raise ValueError("must be 'gemini' or 'local'")
         return v
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_base64(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        import base64
+        import binascii
+
+        raw = v.get_secret_value().removeprefix("whsec_")
+        try:
+            if len(base64.b64decode(raw + "==", validate=False)) < 16:
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise ValueError("must be 'whsec_' followed by base64 of at least 16 random bytes") from None
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, v: str) -> str:

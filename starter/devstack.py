@@ -47,17 +47,41 @@ def temporal_command(var: Path, host: str, port: int, ui_port: int) -> list[str]
     return cmd
 
 
+def dev_secrets(var: Path) -> dict[str, str]:
+    """On one machine, make the admin token and webhook secret once and keep them in var/,
+    so `make run` works with no set-up. Values already in the environment win."""
+    import base64
+    import secrets
+
+    path = var / "dev-secrets.env"
+    if not path.exists():
+        token = secrets.token_urlsafe(24)
+        whsec = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        path.write_text(f"ATELIER_ADMIN_TOKEN={token}\nATELIER_WEBHOOK_SECRET={whsec}\n")
+        path.chmod(0o600)
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k: v for k, v in values.items() if not os.environ.get(k)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run Temporal, the worker and the API on this machine.")
     parser.add_argument("--ui-port", type=int, default=8233)
     parser.add_argument("--no-api", action="store_true", help="do not start the HTTP API")
+    parser.add_argument("--var-dir", type=Path, default=ROOT / "var",
+                        help="where the Temporal database and generated dev secrets live (default: var/)")
     args = parser.parse_args()
 
     settings = load_settings()
-    var = ROOT / "var"
-    var.mkdir(exist_ok=True)
+    var = args.var_dir.resolve()
+    var.mkdir(parents=True, exist_ok=True)
     host, port = settings.temporal_address.rsplit(":", 1)
     env = dict(os.environ)
+    generated = dev_secrets(var)
+    env.update(generated)
+    os.environ.update(generated)
+    if generated:
+        print(f"[run] admin token and webhook secret: {var / 'dev-secrets.env'} "
+              "(export ATELIER_ADMIN_TOKEN from it to use `atelier users create`)", flush=True)
     procs: dict[str, subprocess.Popen] = {}
     stopping = False
 
