@@ -8,6 +8,7 @@ pending activity, its attempt and last failure).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import (
     Client,
+    WorkflowExecution,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -29,9 +31,11 @@ from atelier.messages import (
     SA_KIND,
     SA_STATUS,
     SA_USER_ID,
+    WORKFLOW_TYPE,
     GenerationRequest,
     GenerationResult,
     ImageInput,
+    Kind,
     Progress,
     Stage,
     Status,
@@ -139,7 +143,7 @@ def _view_from_result(task_id: str, kind: str, r: GenerationResult, desc: Workfl
 
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None) -> GenerationState | None:
     """The state of one generation, or None if there is no such workflow."""
-    handle = client.get_workflow_handle(task_id)
+    handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
     try:
         desc = await handle.describe()
     except RPCError as err:
@@ -155,7 +159,7 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
     if desc.status == WorkflowExecutionStatus.RUNNING:
         state = await _read_running(handle, desc, task_id, user_id, kind, sa_status)
     elif desc.status == WorkflowExecutionStatus.COMPLETED:
-        result: GenerationResult = await handle.result(result_type=GenerationResult)
+        result: GenerationResult = await handle.result()
         state = GenerationState(_view_from_result(task_id, kind, result, desc), user_id, False, "history")
     elif desc.status == WorkflowExecutionStatus.FAILED:
         state = GenerationState(await _failed_view(handle, desc, task_id, kind), user_id, False, "history")
@@ -221,3 +225,88 @@ async def _failed_view(handle, desc, task_id, kind) -> GenerationView:
 
 async def cancel_generation(client: Client, task_id: str) -> None:
     await client.get_workflow_handle(task_id).cancel()
+
+
+# ---- listing and describing, without a worker ------------------------------------------
+
+LIST_TIMEOUT = timedelta(seconds=10)
+# What may be spliced into a visibility query: ids we minted and enum values, nothing else.
+_TERMINAL = frozenset(s.value for s in Status if s.terminal)
+_QUERY_SAFE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+@dataclass
+class GenerationSummary:
+    """What visibility knows of a generation: enough for a list, no query, no worker."""
+
+    id: str
+    user_id: str
+    kind: str
+    status: str
+    created_at: str | None
+    completed_at: str | None
+    running: bool
+
+
+def _summary_status(execution: WorkflowExecutionStatus | None, sa_status: str | None) -> str:
+    """The generation's status from visibility: the workflow's own search attribute, unless the
+    execution was closed from outside (terminated, timed out) before it could write one."""
+    if execution == WorkflowExecutionStatus.RUNNING or execution is None:
+        return sa_status or Status.QUEUED.value
+    if sa_status in _TERMINAL:
+        return sa_status
+    if execution == WorkflowExecutionStatus.CANCELED:
+        return Status.CANCELED.value
+    if execution == WorkflowExecutionStatus.COMPLETED:
+        return Status.COMPLETED.value
+    return Status.FAILED.value
+
+
+def _summary(execution: WorkflowExecution) -> GenerationSummary:
+    attrs = execution.typed_search_attributes
+    return GenerationSummary(
+        id=execution.id, user_id=attrs.get(USER_KEY) or "", kind=attrs.get(KIND_KEY) or "",
+        status=_summary_status(execution.status, attrs.get(STATUS_KEY)),
+        created_at=_iso(execution.start_time), completed_at=_iso(execution.close_time),
+        running=execution.status == WorkflowExecutionStatus.RUNNING,
+    )
+
+
+async def describe_generation(client: Client, task_id: str) -> GenerationSummary | None:
+    """One describe call: owner, kind and status of a generation, or None if there is none."""
+    try:
+        desc = await client.get_workflow_handle(task_id).describe()
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+    if desc.workflow_type != WORKFLOW_TYPE:
+        return None
+    return _summary(desc)
+
+
+def _quoted(value: str) -> str:
+    if not _QUERY_SAFE.match(value):
+        raise ValueError(f"not a value for a visibility query: {value!r}")
+    return f'"{value}"'
+
+
+def generations_query(user_id: str, *, status: str | None = None, kind: str | None = None) -> str:
+    """The visibility query for a user's generations. Filters must be enum values (ValueError otherwise)."""
+    clauses = [f"WorkflowType={_quoted(WORKFLOW_TYPE)}", f"{SA_USER_ID}={_quoted(user_id)}"]
+    if status is not None:
+        clauses.append(f"{SA_STATUS}={_quoted(Status(status).value)}")
+    if kind is not None:
+        clauses.append(f"{SA_KIND}={_quoted(Kind(kind).value)}")
+    return " AND ".join(clauses)
+
+
+async def list_generations(client: Client, user_id: str, *, status: str | None = None, kind: str | None = None,
+                           page_size: int = 20, page_token: bytes | None = None,
+                           ) -> tuple[list[GenerationSummary], bytes | None]:
+    """One page of a user's generations through Temporal visibility, in its order: running
+    ones first, then closed ones, most recently closed first. Returns (page, next token)."""
+    pages = client.list_workflows(generations_query(user_id, status=status, kind=kind), page_size=page_size,
+                                  next_page_token=page_token, rpc_timeout=LIST_TIMEOUT)
+    await pages.fetch_next_page()
+    return [_summary(e) for e in pages.current_page or []], pages.next_page_token

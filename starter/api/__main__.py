@@ -1,0 +1,3 @@
+from starter.api.app import main
+
+main()

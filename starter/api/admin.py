@@ -1,0 +1,46 @@
+"""/v1/admin: operators create users and add credits. Guarded by ATELIER_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Depends, Header, Path
+
+from atelier import credits, users
+from atelier.errors import UnknownUser
+from starter.api.auth import require_admin
+from starter.api.context import ApiContext, context
+from starter.api.errors import not_found
+from starter.api.idempotency import check_key
+from starter.api.schemas import Balance, CreditGrant, ErrorResponse, UserCreated
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses={s: {"model": ErrorResponse} for s in (401, 403, 413, 422)})
+
+
+@router.post("/users", status_code=201, response_model=UserCreated, summary="Create a user and its API key")
+async def create_user(ctx: ApiContext = Depends(context)) -> dict:
+    new = await users.create_user(ctx.engine)
+    return {"user_id": new.user_id, "api_key": new.api_key}
+
+
+@router.post("/users/{user_id}/credits", response_model=Balance,
+             responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+             summary="Add credits to a user's balance")
+async def add_credits(
+    grant: CreditGrant,
+    user_id: str = Path(max_length=64),
+    idempotency_key: str | None = Header(default=None, alias="Idempotency-Key",
+                                         description="the same key adds the credits once"),
+    ctx: ApiContext = Depends(context),
+) -> dict:
+    grant_id = None
+    if idempotency_key is not None:
+        digest = hashlib.sha256(f"{user_id}\x00{check_key(idempotency_key)}".encode()).hexdigest()[:40]
+        grant_id = f"grant-{digest}"
+    try:
+        moved = await credits.grant(ctx.engine, user_id=user_id, amount=grant.amount,
+                                    reason=grant.reason or "credits added by an operator", grant_id=grant_id)
+    except UnknownUser:
+        raise not_found("no such user") from None
+    return {"user_id": user_id, "balance": moved.balance}

@@ -1,0 +1,215 @@
+"""/v1/generations: start, read, list and cancel generations. Nothing here waits on the work
+or writes a generation's status: the workflow is its one writer; the API starts and reads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from atelier import credits, works
+from atelier.errors import InvalidRequest
+from atelier.messages import GenerationRequest, ImageInput, Kind, Status
+from atelier.representation import generation_object
+from starter import service
+from starter.api import cursors, idempotency
+from starter.api.auth import current_user
+from starter.api.context import ApiContext, context
+from starter.api.errors import ApiError, not_found
+from starter.api.schemas import (
+    ErrorResponse,
+    GenerationAccepted,
+    GenerationCreate,
+    GenerationList,
+    GenerationOut,
+    GenerationSummary,
+)
+from starter.api.urls import check_url
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 503)}
+MAX_ID_CHARS = 128
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _urls(base: str, task_id: str) -> dict[str, str]:
+    return {"get": f"{base}/v1/generations/{task_id}", "cancel": f"{base}/v1/generations/{task_id}/cancel"}
+
+
+def _plausible_id(task_id: str) -> bool:
+    return 0 < len(task_id) <= MAX_ID_CHARS and set(task_id) <= _ID_CHARS
+
+
+async def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -> GenerationRequest:
+    """Everything that can be refused before a workflow starts, answered 422."""
+    try:
+        req = service.build_request(
+            ctx.settings, user_id=user_id, kind=body.kind.value,
+            images=[ImageInput(url=i.url, file_id=i.file_id) for i in body.images],
+            prompt=body.prompt, style=body.style, parameters=body.parameters, webhook_url=body.webhook_url,
+        )
+        allow_private = ctx.settings.allow_private_urls
+        for index, image in enumerate(req.images):
+            if image.url:
+                check_url(image.url, f"images[{index}].url", allow_private=allow_private)
+        if req.webhook_url:
+            check_url(req.webhook_url, "webhook_url", allow_private=allow_private)
+    except InvalidRequest as err:
+        raise ApiError(422, err.code, err.message) from None
+    for index, image in enumerate(req.images):
+        if image.file_id:
+            # Someone else's file id is answered exactly like a forged one.
+            upload = await works.upload_of(ctx.engine, user_id=user_id, file_id=image.file_id)
+            if upload is None or not ctx.blobs.exists(upload.image.key):
+                raise ApiError(422, "UnknownFile", f"images[{index}]: unknown file {image.file_id!r}")
+    return req
+
+
+async def _ensure_started(ctx: ApiContext, req: GenerationRequest) -> bool:
+    """Start the workflow for `req.task_id`; False when it already exists (that is fine)."""
+    try:
+        await service.start_generation(ctx.client, req, task_queue=ctx.settings.task_queue)
+    except WorkflowAlreadyStartedError:
+        return False
+    ctx.metrics.generations_started.labels(req.kind).inc()
+    return True
+
+
+async def _replay(ctx: ApiContext, req: GenerationRequest, record: idempotency.KeyRecord, body_hash: str,
+                  response: Response) -> str:
+    """Answer a request whose key was used before: the same generation, or 409."""
+    if record.body_hash != body_hash:
+        raise ApiError(409, "IdempotencyKeyReused",
+                       "this Idempotency-Key was already used with a different request body")
+    response.headers["Idempotent-Replayed"] = "true"
+    ctx.metrics.idempotent_replays.inc()
+    existing = await service.describe_generation(ctx.client, record.task_id)
+    if existing is not None:
+        return existing.status
+    # The first request stored the key but its start never happened (it died, or Temporal
+    # was down): start it now, under the same task id.
+    await _ensure_started(ctx, dataclasses.replace(req, task_id=record.task_id))
+    return Status.QUEUED.value
+
+
+@router.post(
+    "", status_code=202, response_model=GenerationAccepted,
+    responses={**ERRORS, 400: {"model": ErrorResponse}, 402: {"model": ErrorResponse},
+               409: {"model": ErrorResponse}},
+    summary="Start a generation",
+)
+async def create_generation(
+    body: GenerationCreate,
+    request: Request,
+    response: Response,
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+    idempotency_key: str | None = Header(
+        default=None, alias="Idempotency-Key",
+        description="the same key and body return the same generation for 24 h; another body answers 409"),
+) -> dict:
+    key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
+    req = await _check_inputs(ctx, user_id, body)
+    base = ctx.base_url(request)
+    status = Status.QUEUED.value
+
+    digest = idempotency.body_hash(body) if key else ""
+    record = None
+    if key:
+        record = await idempotency.find(ctx.engine, user_id=user_id, key=key,
+                                        ttl_hours=ctx.settings.idempotency_ttl_hours)
+    if record is None:
+        # A quick refusal; the workflow's atomic charge stays the authority.
+        balance = await credits.balance(ctx.engine, user_id)
+        if balance < req.cost:
+            raise ApiError(402, "InsufficientCredits",
+                           f"a {req.kind} generation costs {req.cost} credits; your balance is {balance}")
+        if key:
+            record = await idempotency.claim(ctx.engine, user_id=user_id, key=key, body_hash=digest,
+                                             task_id=req.task_id, ttl_hours=ctx.settings.idempotency_ttl_hours)
+    if record is not None and not record.won:
+        status = await _replay(ctx, req, record, digest, response)
+        task_id = record.task_id
+    else:
+        task_id = req.task_id
+        await _ensure_started(ctx, req)
+    response.headers["Location"] = f"{base}/v1/generations/{task_id}"
+    return {"id": task_id, "status": status, "urls": _urls(base, task_id)}
+
+
+@router.get("", response_model=GenerationList, responses={**ERRORS, 400: {"model": ErrorResponse}},
+            summary="List your generations")
+async def list_generations(
+    request: Request,
+    status: Status | None = Query(default=None),
+    kind: Kind | None = Query(default=None),
+    limit: int = Query(default=20, ge=1, le=100),
+    cursor: str | None = Query(default=None, max_length=cursors.MAX_CURSOR_CHARS),
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+) -> dict:
+    status_value = status.value if status else None
+    kind_value = kind.value if kind else None
+    scope = (user_id, status_value or "", kind_value or "")
+    token = cursors.open_sealed(ctx.cursor_key, cursor, scope) if cursor else None
+    try:
+        page, next_token = await service.list_generations(ctx.client, user_id, status=status_value,
+                                                          kind=kind_value, page_size=limit, page_token=token)
+    except RPCError as err:
+        if err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise ApiError(400, "BadCursor", "invalid or expired cursor") from None
+        raise
+    base = ctx.base_url(request)
+    items = [
+        GenerationSummary(id=g.id, kind=g.kind, status=g.status, created_at=g.created_at,
+                          completed_at=g.completed_at, urls=_urls(base, g.id))
+        for g in page
+    ]
+    next_cursor = cursors.seal(ctx.cursor_key, next_token, scope) if next_token else None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{task_id}", response_model=GenerationOut, responses=ERRORS, summary="Read a generation")
+async def get_generation(
+    task_id: str,
+    request: Request,
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+) -> dict:
+    state = await service.read_generation(ctx.client, task_id, engine=ctx.engine) if _plausible_id(task_id) else None
+    if state is None or state.user_id != user_id:
+        raise not_found(f"no generation {task_id!r}" if _plausible_id(task_id) else "no such generation")
+    return generation_object(state.view, base_url=ctx.base_url(request))
+
+
+@router.post("/{task_id}/cancel", status_code=202, response_model=GenerationAccepted,
+             responses={**ERRORS, 409: {"model": ErrorResponse}}, summary="Cancel a generation")
+async def cancel_generation(
+    task_id: str,
+    request: Request,
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+) -> dict:
+    summary = await service.describe_generation(ctx.client, task_id) if _plausible_id(task_id) else None
+    if summary is None or summary.user_id != user_id:
+        raise not_found(f"no generation {task_id!r}" if _plausible_id(task_id) else "no such generation")
+    if not summary.running:
+        raise _already_closed(task_id, summary.status)
+    try:
+        await service.cancel_generation(ctx.client, task_id)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # It closed between the describe and the cancel.
+        closed = await service.describe_generation(ctx.client, task_id)
+        raise _already_closed(task_id, closed.status if closed else Status.FAILED.value) from None
+    return {"id": task_id, "status": summary.status, "urls": _urls(ctx.base_url(request), task_id)}
+
+
+def _already_closed(task_id: str, status: str) -> ApiError:
+    return ApiError(409, "AlreadyClosed", f"generation {task_id} is already {status}; it cannot be canceled",
+                    status=status)
+

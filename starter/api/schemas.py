@@ -1,0 +1,229 @@
+"""Request and response bodies of the HTTP API: typed, bounded, documented in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atelier.messages import Kind
+from atelier.validation import (
+    MAX_PARAMETERS,
+    MAX_PROMPT_CHARS,
+    MAX_STYLE_CHARS,
+    MAX_URL_CHARS,
+)
+
+MAX_IMAGES = 8  # a bound on the body; the per-kind counts are checked by validate_request
+MAX_FILE_ID_CHARS = 64
+MAX_REASON_CHARS = 200
+MAX_GRANT = 1_000_000_000
+
+
+def _text(value: Any, what: str) -> Any:
+    """Text must be storable anywhere (PostgreSQL refuses NUL, UTF-8 refuses lone surrogates)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{what} may not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} must be valid Unicode text") from None
+    return value
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="a stable name for the error, e.g. InvalidRequest, NotFound")
+    message: str = Field(description="what went wrong, for people")
+    status: str | None = Field(default=None, description="the generation's status, when that is the reason")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---- generations ---------------------------------------------------------------------------
+
+
+class ImageIn(BaseModel):
+    """One input image: exactly one of `url` (http or https) or `file_id` (from POST /v1/uploads)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    file_id: str | None = Field(default=None, max_length=MAX_FILE_ID_CHARS)
+
+    @field_validator("url", "file_id")
+    @classmethod
+    def _clean(cls, v: Any, info) -> Any:
+        return _text(v, info.field_name)
+
+
+class GenerationCreate(BaseModel):
+    """A generation to start. `parameters` are free-form strings for the model; they may never
+    carry the request's own fields (`images`, `prompt`, `model`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind
+    images: list[ImageIn] = Field(max_length=MAX_IMAGES,
+                                  description="photography: 1-4 photos; fitting: the person, then 1-4 garments")
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    style: str = Field(default="", max_length=MAX_STYLE_CHARS)
+    parameters: dict[str, str] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
+    webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+
+    @field_validator("prompt", "style", "webhook_url")
+    @classmethod
+    def _clean(cls, v: Any, info) -> Any:
+        return _text(v, info.field_name)
+
+    @field_validator("parameters")
+    @classmethod
+    def _clean_parameters(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _text(key, "parameter names")
+            _text(value, "parameter values")
+        return v
+
+
+class GenerationUrls(BaseModel):
+    get: str
+    cancel: str
+
+
+class GenerationAccepted(BaseModel):
+    id: str
+    status: str
+    urls: GenerationUrls
+
+
+class ImageOut(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str
+
+
+class GenerationResultOut(BaseModel):
+    work_id: str | None = None
+    images: list[ImageOut] = Field(default_factory=list)
+
+
+class GenerationCredits(BaseModel):
+    charged: int
+    refunded: int
+
+
+class GenerationError(BaseModel):
+    code: str | None = None
+    message: str | None = None
+
+
+class GenerationOut(BaseModel):
+    id: str
+    kind: str
+    status: str = Field(description="queued, running, completed, failed, canceled or rejected")
+    stage: str
+    progress: int = Field(description="percent, 0-100")
+    model: str | None = None
+    attempt: int = 0
+    error: GenerationError | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+    credits: GenerationCredits
+    result: GenerationResultOut | None = None
+
+
+class GenerationSummary(BaseModel):
+    id: str
+    kind: str
+    status: str
+    created_at: str | None = None
+    completed_at: str | None = None
+    urls: GenerationUrls
+
+
+class GenerationList(BaseModel):
+    items: list[GenerationSummary]
+    next_cursor: str | None = Field(default=None, description="pass as `cursor` for the next page")
+
+
+# ---- admin ---------------------------------------------------------------------------------
+
+
+class UserCreated(BaseModel):
+    user_id: str
+    api_key: str = Field(description="shown once: only its hash is stored")
+
+
+class CreditGrant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(gt=0, le=MAX_GRANT)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+    @field_validator("reason")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        return _text(v, "reason")
+
+
+class Balance(BaseModel):
+    user_id: str
+    balance: int
+
+
+# ---- files, works, credits -----------------------------------------------------------------
+
+
+class Upload(BaseModel):
+    file_id: str
+    content_type: str
+    width: int
+    height: int
+    size: int
+
+
+class WorkOut(BaseModel):
+    id: str
+    generation_id: str
+    kind: str
+    model: str
+    prompt: str
+    created_at: str
+    images: list[ImageOut]
+
+
+class WorkList(BaseModel):
+    items: list[WorkOut]
+    next_cursor: str | None = None
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    generation_id: str = Field(description="the generation (or grant) this movement belongs to")
+    entry: str = Field(description="charge, refund or grant")
+    amount: int = Field(description="signed: a charge is negative")
+    reason: str
+    created_at: str
+
+
+class Account(BaseModel):
+    balance: int
+    entries: list[LedgerEntryOut]
+
+
+# ---- health --------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]

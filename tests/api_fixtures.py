@@ -1,0 +1,178 @@
+"""Fixtures and helpers of the API tests: an app wired to the test's Harness (real dev server,
+per-test database and task queues), an HTTP client for it, and a real uvicorn process.
+
+Import in a test module with `from tests.api_fixtures import *  # noqa: F403`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from atelier.settings import Settings
+from starter.api import create_app
+from tests.conftest import Harness
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "admin-test-token"  # what make_settings puts in the test settings
+TERMINAL = {"completed", "failed", "canceled", "rejected"}
+
+
+@dataclass
+class Api:
+    """One test's API: the app, a client for it, and the harness behind it."""
+
+    harness: Harness
+    app: object
+    http: httpx.AsyncClient
+
+    @property
+    def settings(self) -> Settings:
+        return self.harness.settings
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.admin_token.get_secret_value()}"}
+
+    async def new_user(self, credits_: int = 100) -> tuple[str, dict[str, str]]:
+        """Create a user through the admin route; returns (user_id, its auth headers)."""
+        created = await self.http.post("/v1/admin/users", headers=self.admin)
+        assert created.status_code == 201, created.text
+        body = created.json()
+        if credits_:
+            granted = await self.http.post(f"/v1/admin/users/{body['user_id']}/credits", headers=self.admin,
+                                           json={"amount": credits_, "reason": "test"})
+            assert granted.status_code == 200, granted.text
+        return body["user_id"], {"Authorization": f"Bearer {body['api_key']}"}
+
+    async def upload(self, headers: dict[str, str], data: bytes, name: str = "photo.jpg") -> str:
+        response = await self.http.post("/v1/uploads", headers=headers, files={"file": (name, data, "image/jpeg")})
+        assert response.status_code == 201, response.text
+        return response.json()["file_id"]
+
+    async def poll(self, headers: dict[str, str], task_id: str, *, until=TERMINAL, timeout: float = 60.0) -> dict:
+        """GET the generation until its status is in `until` (bounded in time)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            response = await self.http.get(f"/v1/generations/{task_id}", headers=headers)
+            assert response.status_code == 200, response.text
+            last = response.json()
+            if last["status"] in until:
+                return last
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"generation {task_id} still {last and last['status']} after {timeout} s")
+
+
+def make_api(harness: Harness, **client_options) -> Api:
+    app = create_app(harness.settings, client=harness.client, engine=harness.engine, blobs=harness.deps.blobs)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app, **client_options), base_url="http://testserver",
+                             timeout=30.0)
+    return Api(harness, app, http)
+
+
+@pytest.fixture
+async def api(harness) -> Api:
+    made = make_api(harness)
+    async with made.http:
+        yield made
+
+
+@pytest.fixture
+async def api_factory(harness_factory):
+    """Build APIs on harnesses with settings overrides: `await api_factory(local_ai_delay_s=20)`."""
+    made: list[Api] = []
+
+    async def make(**overrides) -> Api:
+        one = make_api(await harness_factory(**overrides))
+        made.append(one)
+        return one
+
+    yield make
+    for one in made:
+        await one.http.aclose()
+
+
+async def wait_until(predicate, *, timeout: float = 30.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+# ---- a real server ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(settings: Settings, temporal_address: str, port: int) -> dict[str, str]:
+    """The environment that makes `python -m starter.api` use the test's world."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATELIER_") and k != "GEMINI_API_KEY"}
+    env.update({
+        "ATELIER_TEMPORAL_ADDRESS": temporal_address,
+        "ATELIER_TEMPORAL_NAMESPACE": settings.temporal_namespace,
+        "ATELIER_TASK_QUEUE": settings.task_queue,
+        "ATELIER_AI_TASK_QUEUE": settings.ai_task_queue,
+        "ATELIER_DATABASE_URL": settings.database_url,
+        "ATELIER_BLOB_DIR": str(settings.blob_dir),
+        "ATELIER_BLOB_FSYNC": "false",
+        "ATELIER_ALLOW_PRIVATE_URLS": "true" if settings.allow_private_urls else "false",
+        "ATELIER_API_HOST": "127.0.0.1",
+        "ATELIER_API_PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    })
+    if settings.admin_token:
+        env["ATELIER_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
+    if settings.webhook_secret:
+        env["ATELIER_WEBHOOK_SECRET"] = settings.webhook_secret.get_secret_value()
+    return env
+
+
+@contextlib.contextmanager
+def uvicorn_process(settings: Settings, temporal_address: str, *, log_path: Path, startup_timeout: float = 30.0):
+    """Run `python -m starter.api` on a free loopback port; yield its base URL."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "starter.api"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=settings_env(settings, temporal_address, port))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the API exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the API did not answer in {startup_timeout} s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+            yield base
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
