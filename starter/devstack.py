@@ -93,9 +93,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
-        print(f"[run] starting {name}: {' '.join(cmd[:4])} ...", flush=True)
         # Own process group: Ctrl-C reaches us once, and we stop the children in order.
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        print(f"[run] started {name} (pid {procs[name].pid})", flush=True)
         return procs[name]
 
     try:
