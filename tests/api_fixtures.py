@@ -176,3 +176,38 @@ def uvicorn_process(settings: Settings, temporal_address: str, *, log_path: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+# ---- what happened behind the API -----------------------------------------------------------
+
+
+async def workflows_of(client, user_id: str) -> list:
+    """Every workflow visibility knows for this user (any type)."""
+    return [w async for w in client.list_workflows(f'UserId="{user_id}"', limit=100)]
+
+
+async def settled_workflows_of(client, user_id: str, *, expect_at_least: int, settle_s: float = 1.0,
+                               timeout: float = 15.0) -> list:
+    """Visibility is eventually consistent: wait for `expect_at_least`, then a little more, and
+    return what is there (so a second, late workflow would be seen)."""
+    if expect_at_least:
+        await wait_until(lambda: _at_least(client, user_id, expect_at_least), timeout=timeout)
+    await asyncio.sleep(settle_s)
+    return await workflows_of(client, user_id)
+
+
+async def _at_least(client, user_id: str, n: int) -> bool:
+    return len(await workflows_of(client, user_id)) >= n
+
+
+def started(api: Api, kind: str | None = None) -> float:
+    """generations started by this app, from its own metrics registry."""
+    registry = api.app.state.atelier.metrics.registry
+    kinds = [kind] if kind else ["photography", "fitting"]
+    return sum(registry.get_sample_value("atelier_generations_started_total", {"kind": k}) or 0 for k in kinds)
+
+
+async def ledger_entries(api: Api, headers: dict[str, str]) -> list[dict]:
+    response = await api.http.get("/v1/credits", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["entries"]

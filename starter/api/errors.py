@@ -46,10 +46,10 @@ _UNAVAILABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCS
 class ApiError(Exception):
     """An answer the API chose to give: status, a stable code, a message for people."""
 
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
+    def __init__(self, http_status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
                  **extra: Any) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = http_status
         self.code = code
         self.message = message
         self.headers = headers or {}
@@ -60,10 +60,10 @@ def not_found(what: str = "not found") -> ApiError:
     return ApiError(404, "NotFound", what)
 
 
-def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
+def error_response(http_status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
                    **extra: Any) -> JSONResponse:
     body = {"code": code, "message": message[:MAX_MESSAGE_CHARS], **extra}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse({"error": body}, status_code=http_status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
