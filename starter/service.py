@@ -179,20 +179,15 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
 
 
 async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> GenerationState:
-    try:
-        p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
-        view = GenerationView(
-            id=task_id, kind=p.kind or kind, status=p.status, stage=p.stage, progress=p.percent, model=p.model,
-            attempt=p.attempt,
-            error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
-            created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
-            work_id=p.work_id, images=_stored(p.images),
-        )
-        return GenerationState(view, user_id, True, "query")
-    except RPCError:
-        pass
+    # Still "queued": no worker has run the workflow's first task, so no worker could answer a
+    # query either; describe says all there is, without waiting out the query timeout.
+    if sa_status != Status.QUEUED.value:
+        try:
+            return await _read_by_query(handle, desc, task_id, user_id, kind)
+        except RPCError:
+            pass
     # No worker answered: describe still knows the pending activity, its attempt and last failure.
-    raw = await handle.describe()
+    raw = desc if sa_status == Status.QUEUED.value else await handle.describe()
     stage, attempt, error = Stage.QUEUED, 0, None
     pending = list(raw.raw_description.pending_activities)
     if pending:
@@ -205,6 +200,18 @@ async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> Gene
     view = GenerationView(id=task_id, kind=kind, status=sa_status, stage=stage.value, progress=PERCENT[stage],
                           attempt=attempt, error=error, created_at=_iso(desc.start_time))
     return GenerationState(view, user_id, True, "describe")
+
+
+async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationState:
+    p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
+    view = GenerationView(
+        id=task_id, kind=p.kind or kind, status=p.status, stage=p.stage, progress=p.percent, model=p.model,
+        attempt=p.attempt,
+        error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
+        created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
+        work_id=p.work_id, images=_stored(p.images),
+    )
+    return GenerationState(view, user_id, True, "query")
 
 
 async def _failed_view(handle, desc, task_id, kind) -> GenerationView:
