@@ -25,7 +25,8 @@ IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
 
 
 @router.post("/v1/uploads", status_code=201, response_model=Upload, summary="Upload one image (multipart)",
-             form_limits={"max_files": 1, "max_fields": 1})
+             form_limits={"max_files": 1, "max_fields": 1},
+             responses={400: {"model": ErrorResponse, "description": "not a multipart body with one file"}})
 async def upload(
     file: UploadFile = File(description="one JPEG, PNG or WebP image"),
     user_id: str = Depends(current_user),
