@@ -1,0 +1,95 @@
+"""The floor: a bare Temporal workflow of N sequential no-op activities, nothing else.
+
+Used in-process (overhead) and as a worker process (`python -m bench.floor --task-queue Q`)
+with the same worker options as the project's own worker, so the only difference between
+the two is the project's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio import activity, workflow
+from temporalio.client import Client
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
+
+FLOOR_ACTIVITIES = 6  # the generation's five activities plus a notify slot, as the issue counts them
+
+
+@dataclass
+class FloorInput:
+    task_id: str = ""
+    steps: int = FLOOR_ACTIVITIES
+    activity_task_queue: str = ""
+
+
+@dataclass
+class StepInput:
+    task_id: str = ""
+    step: int = 0
+
+
+@dataclass
+class StepOutput:
+    step: int = 0
+
+
+@activity.defn(name="bench_noop")
+async def noop(req: StepInput) -> StepOutput:
+    return StepOutput(step=req.step)
+
+
+@workflow.defn(name="BenchFloorWorkflow")
+class FloorWorkflow:
+    @workflow.run
+    async def run(self, req: FloorInput) -> int:
+        done = 0
+        for step in range(req.steps):
+            out = await workflow.execute_activity(
+                noop, StepInput(task_id=req.task_id, step=step),
+                start_to_close_timeout=timedelta(seconds=10),
+                task_queue=req.activity_task_queue or None,
+            )
+            done += 1 if out.step == step else 0
+        return done
+
+
+def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: int = 200,
+                 max_concurrent_workflow_tasks: int = 200, max_cached_workflows: int = 2000) -> Worker:
+    """The same options build_workers gives the project's main worker (settings defaults)."""
+    return Worker(
+        client, task_queue=task_queue, workflows=[FloorWorkflow], activities=[noop],
+        max_concurrent_activities=max_concurrent_activities,
+        max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
+        max_cached_workflows=max_cached_workflows,
+        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
+        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
+
+
+async def _serve(address: str, task_queue: str) -> None:
+    client = await Client.connect(address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with floor_worker(client, task_queue):
+        print("floor worker up", flush=True)
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the bare-Temporal floor worker (used by the benchmarks).")
+    parser.add_argument("--address", default="127.0.0.1:7233")
+    parser.add_argument("--task-queue", required=True)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.address, args.task_queue))
+
+
+if __name__ == "__main__":
+    main()
