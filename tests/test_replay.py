@@ -101,7 +101,7 @@ async def test_record_histories(harness_factory):
             from tests.fakes.webhook_receiver import WebhookReceiver
 
             with WebhookReceiver(secret=h.settings.webhook_secret.get_secret_value()) as receiver:
-                handle = await h.start(user, "photography", photo, webhook_url=receiver.url("/hook"))
+                handle = await h.start(user, "photography", photo, webhook_url=receiver.url)
                 await handle.result()
-                await asyncio.wait_for(receiver.wait_for(1), timeout=30)
+                await asyncio.to_thread(receiver.wait_for_success, timeout=30)
                 await save(handle, "success_webhook")
