@@ -147,28 +147,39 @@ def settings_env(settings: Settings, temporal_address: str, port: int) -> dict[s
     return env
 
 
+@dataclass
+class Served:
+    base: str
+    log_path: Path
+    returncode: int | None = None  # set once the process has exited
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextlib.contextmanager
 def uvicorn_process(settings: Settings, temporal_address: str, *, log_path: Path, startup_timeout: float = 30.0):
-    """Run `python -m starter.api` on a free loopback port; yield its base URL."""
+    """Run `python -m starter.api` on a free loopback port; yield a Served (its base URL), then
+    stop it with SIGTERM as a process manager would."""
     port = free_port()
+    served = Served(f"http://127.0.0.1:{port}", log_path)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "starter.api"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env=settings_env(settings, temporal_address, port))
-        base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the API exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                    raise RuntimeError(f"the API exited with {proc.returncode}:\n{served.log()[-3000:]}")
                 try:
-                    if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                    if httpx.get(f"{served.base}/healthz", timeout=1.0).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the API did not answer in {startup_timeout} s:\n{log_path.read_text()[-3000:]}")
+                    raise TimeoutError(f"the API did not answer in {startup_timeout} s:\n{served.log()[-3000:]}")
                 time.sleep(0.1)
-            yield base
+            yield served
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -176,6 +187,7 @@ def uvicorn_process(settings: Settings, temporal_address: str, *, log_path: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+            served.returncode = proc.returncode
 
 
 # ---- what happened behind the API -----------------------------------------------------------

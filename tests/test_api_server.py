@@ -4,6 +4,8 @@ bounded schemathesis run over the OpenAPI schema it serves."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import httpx
@@ -21,7 +23,8 @@ from schemathesis.checks import (
 from temporalio.client import Client
 
 from starter.api import create_app
-from tests.api_fixtures import free_port, uvicorn_process
+from tests.api_fixtures import ROOT, free_port, settings_env, uvicorn_process
+from tests.conftest import make_settings
 from tests.fakes.images import jpeg
 
 EXAMPLES_PER_OPERATION = 15
@@ -39,7 +42,8 @@ async def _new_user(http: httpx.AsyncClient, admin: dict, credits_: int = 100) -
 
 async def test_uvicorn_serves_the_whole_flow(harness, temporal_address, tmp_path):
     admin = {"Authorization": f"Bearer {harness.settings.admin_token.get_secret_value()}"}
-    with uvicorn_process(harness.settings, temporal_address, log_path=tmp_path / "api.log") as base:
+    with uvicorn_process(harness.settings, temporal_address, log_path=tmp_path / "api.log") as served:
+        base = served.base
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
             assert (await http.get("/healthz")).json() == {"status": "ok"}
             ready = await http.get("/readyz")
@@ -70,6 +74,9 @@ async def test_uvicorn_serves_the_whole_flow(harness, temporal_address, tmp_path
             assert 'route="/v1/generations/{task_id}"' in metrics
             assert "atelier_api_request_duration_seconds_bucket" in metrics
             assert task_id not in metrics  # routes are templates, never raw paths
+    # SIGTERM drains and exits cleanly.
+    assert served.returncode == 0, served.log()[-3000:]
+    assert "Shutting down" in served.log() and "Traceback" not in served.log()
 
 
 async def test_readyz_is_503_when_temporal_is_unreachable(harness):
@@ -120,7 +127,8 @@ def _run_schemathesis(base: str, user_headers: dict, admin_headers: dict,
 
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(harness, temporal_address, tmp_path):
     admin = {"Authorization": f"Bearer {harness.settings.admin_token.get_secret_value()}"}
-    with uvicorn_process(harness.settings, temporal_address, log_path=tmp_path / "api.log") as base:
+    with uvicorn_process(harness.settings, temporal_address, log_path=tmp_path / "api.log") as served:
+        base = served.base
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
             _, auth = await _new_user(http, admin, credits_=1000)
             secrets = [auth["Authorization"].split()[1], harness.settings.admin_token.get_secret_value(),
@@ -128,9 +136,18 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(harnes
         began = time.monotonic()
         operations, seen = await asyncio.to_thread(_run_schemathesis, base, auth, admin, secrets)
         elapsed = time.monotonic() - began
-        log = (tmp_path / "api.log").read_text()
-    assert "Traceback" not in log, log[-5000:]
+    assert "Traceback" not in served.log(), served.log()[-5000:]
     assert len(operations) == 13 and {key.rsplit(" ", 1)[0] for key in seen} == operations
     # Not only refusals: the fuzzer got through authentication and validation somewhere.
     assert any(key.endswith((" 200", " 201", " 202")) for key in seen), seen
     assert elapsed < 90, f"schemathesis took {elapsed:.0f} s"
+
+
+def test_the_server_refuses_to_start_without_temporal(tmp_path):
+    """No Temporal at start: a clear log line and a non-zero exit, not a server that 500s."""
+    settings = make_settings(tmp_path)
+    env = settings_env(settings, f"127.0.0.1:{free_port()}", free_port())
+    done = subprocess.run([sys.executable, "-m", "starter.api"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode != 0, output
+    assert "cannot reach Temporal" in output

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.api_fixtures import Api, api, api_factory, free_port  # noqa: F401
+from tests.api_fixtures import Api, api, free_port  # noqa: F401 - api is a fixture
 from tests.fakes.images import jpeg
 from tests.fakes.webhook_receiver import WebhookReceiver
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import sys
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -87,9 +90,29 @@ def create_app(settings: Settings, *, client: Client | None = None, engine: Asyn
 
 
 def main() -> None:
+    """`python -m starter.api`: serve on ATELIER_API_HOST:ATELIER_API_PORT until SIGINT/SIGTERM."""
     import uvicorn
 
     settings = load_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None,
-                server_header=False)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # Drain and return on a signal instead of re-raising it afterwards (uvicorn's default).
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None,
+                            server_header=False)
+    server = Server(config)
+    server.run()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The Temporal SDK's threads can abort the interpreter's finalisation; the server is down: leave.
+    os._exit(0 if server.started else 1)

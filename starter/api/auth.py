@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from atelier import users
@@ -24,7 +24,6 @@ def _unauthorized(message: str) -> ApiError:
 
 
 async def current_user(
-    request: Request,
     credentials: HTTPAuthorizationCredentials | None = Security(api_key_scheme),
     ctx: ApiContext = Depends(context),
 ) -> str:
@@ -34,7 +33,6 @@ async def current_user(
     user_id = await users.user_for_key(ctx.engine, credentials.credentials)
     if user_id is None:
         raise _unauthorized("unknown or revoked API key")
-    request.state.user_id = user_id
     return user_id
 
 
