@@ -32,6 +32,7 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 503)}
 MAX_ID_CHARS = 128
+TERMINAL = frozenset(s.value for s in Status if s.terminal)
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -196,7 +197,9 @@ async def cancel_generation(
     summary = await service.describe_generation(ctx.client, task_id) if _plausible_id(task_id) else None
     if summary is None or summary.user_id != user_id:
         raise not_found(f"no generation {task_id!r}" if _plausible_id(task_id) else "no such generation")
-    if not summary.running:
+    # A workflow past its final status (still starting its webhook) is as good as closed:
+    # a cancel must not race its last step.
+    if not summary.running or summary.status in TERMINAL:
         raise _already_closed(task_id, summary.status)
     try:
         await service.cancel_generation(ctx.client, task_id)
