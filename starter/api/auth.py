@@ -1,5 +1,9 @@
 """Who is calling. Users: `Authorization: Bearer <api key>`, looked up by the key's hash.
-Operators: the same header carrying ATELIER_ADMIN_TOKEN, compared in constant time."""
+Operators: the same header carrying ATELIER_ADMIN_TOKEN, compared in constant time.
+
+A key found in the database is remembered (see keycache), so most requests cost no
+database round trip to authenticate.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +34,13 @@ async def current_user(
     """The caller's user id; 401 for a missing, malformed, unknown or revoked key."""
     if credentials is None:
         raise _unauthorized("send your API key as 'Authorization: Bearer <key>'")
-    user_id = await users.user_for_key(ctx.engine, credentials.credentials)
+    key_hash = users.hash_key(credentials.credentials)
+    user_id = ctx.keys.get(key_hash)
     if user_id is None:
-        raise _unauthorized("unknown or revoked API key")
+        user_id = await users.user_for_key(ctx.engine, credentials.credentials)
+        if user_id is None:
+            raise _unauthorized("unknown or revoked API key")
+        ctx.keys.put(key_hash, user_id)
     return user_id
 
 

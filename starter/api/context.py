@@ -3,7 +3,7 @@ database engine, the blob store and the metrics. Routes reach it through `contex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,6 +12,7 @@ from temporalio.client import Client
 from atelier.blobstore import BlobStore
 from atelier.settings import Settings
 from starter.api.errors import ApiError
+from starter.api.keycache import KeyCache
 from starter.api.metrics import Metrics
 
 
@@ -23,6 +24,7 @@ class ApiContext:
     blobs: BlobStore
     metrics: Metrics
     cursor_key: bytes
+    keys: KeyCache = field(default_factory=KeyCache)
 
     def base_url(self, request: Request) -> str:
         """Where clients reach this API: the configured public URL, or the one they used."""

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from atelier import credits, works
 from atelier.errors import InvalidRequest
 from atelier.messages import GenerationRequest, ImageInput, Kind, Status
 from atelier.representation import generation_object
@@ -26,6 +25,7 @@ from starter.api.schemas import (
     GenerationOut,
     GenerationSummary,
 )
+from starter.api.submission import SubmissionFacts, read_facts
 from starter.api.urls import check_url
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -44,8 +44,8 @@ def _plausible_id(task_id: str) -> bool:
     return 0 < len(task_id) <= MAX_ID_CHARS and set(task_id) <= _ID_CHARS
 
 
-async def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -> GenerationRequest:
-    """Everything that can be refused before a workflow starts, answered 422."""
+def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -> GenerationRequest:
+    """Everything that can be refused without I/O, answered 422."""
     try:
         req = service.build_request(
             ctx.settings, user_id=user_id, kind=body.kind.value,
@@ -60,13 +60,16 @@ async def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -
             check_url(req.webhook_url, "webhook_url", allow_private=allow_private)
     except InvalidRequest as err:
         raise ApiError(422, err.code, err.message) from None
+    return req
+
+
+def _check_files(ctx: ApiContext, req: GenerationRequest, facts: SubmissionFacts) -> None:
     for index, image in enumerate(req.images):
         if image.file_id:
             # Someone else's file id is answered exactly like a forged one.
-            upload = await works.upload_of(ctx.engine, user_id=user_id, file_id=image.file_id)
-            if upload is None or not ctx.blobs.exists(upload.image.key):
+            key = facts.uploads.get(image.file_id)
+            if key is None or not ctx.blobs.exists(key):
                 raise ApiError(422, "UnknownFile", f"images[{index}]: unknown file {image.file_id!r}")
-    return req
 
 
 async def _ensure_started(ctx: ApiContext, req: GenerationRequest) -> bool:
@@ -113,21 +116,20 @@ async def create_generation(
         description="the same key and body return the same generation for 24 h; another body answers 409"),
 ) -> dict:
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
-    req = await _check_inputs(ctx, user_id, body)
+    req = _check_inputs(ctx, user_id, body)
+    facts = await read_facts(ctx.engine, user_id=user_id, file_ids=[i.file_id for i in req.images if i.file_id],
+                             idempotency_key=key, ttl_hours=ctx.settings.idempotency_ttl_hours)
+    _check_files(ctx, req, facts)
     base = ctx.base_url(request)
     status = Status.QUEUED.value
 
     digest = idempotency.body_hash(body) if key else ""
-    record = None
-    if key:
-        record = await idempotency.find(ctx.engine, user_id=user_id, key=key,
-                                        ttl_hours=ctx.settings.idempotency_ttl_hours)
+    record = facts.key_record
     if record is None:
         # A quick refusal; the workflow's atomic charge stays the authority.
-        balance = await credits.balance(ctx.engine, user_id)
-        if balance < req.cost:
+        if facts.balance < req.cost:
             raise ApiError(402, "InsufficientCredits",
-                           f"a {req.kind} generation costs {req.cost} credits; your balance is {balance}")
+                           f"a {req.kind} generation costs {req.cost} credits; your balance is {facts.balance}")
         if key:
             record = await idempotency.claim(ctx.engine, user_id=user_id, key=key, body_hash=digest,
                                              task_id=req.task_id, ttl_hours=ctx.settings.idempotency_ttl_hours)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from atelier.db import idempotency_keys
 from starter.api.errors import ApiError
@@ -52,15 +52,15 @@ def _cutoff(ttl_hours: float) -> datetime:
     return datetime.now(timezone.utc) - timedelta(hours=ttl_hours)
 
 
-async def find(engine: AsyncEngine, *, user_id: str, key: str, ttl_hours: float) -> KeyRecord | None:
-    """The live row for (user, key), if any."""
-    query = select(idempotency_keys.c.task_id, idempotency_keys.c.body_hash).where(
-        idempotency_keys.c.user_id == user_id,
-        idempotency_keys.c.key == key,
-        idempotency_keys.c.created_at >= _cutoff(ttl_hours),
-    )
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).one_or_none()
+async def find(conn: AsyncConnection, *, user_id: str, key: str, ttl_hours: float) -> KeyRecord | None:
+    """The live row for (user, key), if any, read on the caller's connection."""
+    row = (await conn.execute(
+        select(idempotency_keys.c.task_id, idempotency_keys.c.body_hash).where(
+            idempotency_keys.c.user_id == user_id,
+            idempotency_keys.c.key == key,
+            idempotency_keys.c.created_at >= _cutoff(ttl_hours),
+        )
+    )).one_or_none()
     return KeyRecord(row.task_id, row.body_hash, won=False) if row else None
 
 
