@@ -90,3 +90,32 @@ async def test_two_users_cannot_reach_each_others_things(api: Api):
     # And Alice still sees all of hers.
     assert (await api.http.get(output_path, headers=alice)).status_code == 200
     assert (await api.http.get(f"/v1/works/{work_id}", headers=alice)).status_code == 200
+
+
+async def test_a_revoked_key_stops_working_once_the_cache_forgets_it(api: Api):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from atelier.db import api_keys
+    from starter.api import keycache
+
+    user_id, auth = await api.new_user()
+    assert (await api.http.get("/v1/credits", headers=auth)).status_code == 200
+    async with api.harness.engine.begin() as conn:
+        await conn.execute(update(api_keys).where(api_keys.c.user_id == user_id)
+                           .values(revoked_at=datetime.now(timezone.utc)))
+    assert (await api.http.get("/v1/credits", headers=auth)).status_code == 200  # still remembered
+    keys = api.app.state.atelier.keys
+    later = keys.clock() + keycache.KEY_CACHE_TTL_S + 1
+    keys.clock = lambda: later
+    assert (await api.http.get("/v1/credits", headers=auth)).status_code == 401
+
+
+def test_the_key_cache_is_bounded():
+    from starter.api.keycache import KeyCache
+
+    cache = KeyCache(ttl_s=60, max_entries=2)
+    for n in range(3):
+        cache.put(f"h{n}", f"u{n}")
+    assert cache.get("h0") is None and cache.get("h1") == "u1" and cache.get("h2") == "u2"
