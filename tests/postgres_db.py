@@ -35,7 +35,9 @@ def reachable(url: URL | None = None, timeout: float = 1.0) -> bool:
         return False
 
 
-requires_postgres = pytest.mark.skipif(not reachable(), reason="no PostgreSQL server on " + str(server_url().host))
+requires_postgres = pytest.mark.skipif(
+    not reachable(), reason=f"no PostgreSQL server at {server_url().host}:{server_url().port or 5432}"
+)
 
 
 async def _admin(url: URL):
