@@ -39,11 +39,22 @@ def test_every_required_history_is_recorded():
     assert not missing, f"record them: ATELIER_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record ({missing})"
 
 
-@pytest.mark.parametrize("name", REQUIRED)
-async def test_recorded_history_replays_against_current_code(name):
+# Every history ever recorded: tests/histories/*.json from the current code, and older
+# generations kept in subfolders (v1/: before the save-work-survives-cancel patch). Old
+# histories must keep replaying for as long as such workflows may still be open.
+ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", ALL_HISTORIES, ids=[str(p.relative_to(HISTORIES)) for p in ALL_HISTORIES])
+async def test_recorded_history_replays_against_current_code(path):
     replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow])
-    result = await replayer.replay_workflow(load(name), raise_on_replay_failure=False)
-    assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+def test_old_histories_are_kept():
+    assert len(list((HISTORIES / "v1").glob("*.json"))) >= len(REQUIRED)
 
 
 async def test_replay_catches_a_reordered_step():
@@ -86,7 +97,9 @@ async def test_record_histories(harness_factory):
             await save(handle, "failure_refund")
             fake.default = Reply.ok()
 
+            # The primary failed repeatedly above and is now ranked last: hang whichever is called.
             fake.plan(PRIMARY, [Reply.hang()])
+            fake.plan("gemini-3-pro-image-preview", [Reply.hang()])
             handle = await h.start(user, "photography", photo)
             await fake.wait_for_requests(len(fake.requests) + 1, timeout_s=20)
             await handle.cancel()

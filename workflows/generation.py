@@ -63,6 +63,20 @@ PERCENT = {
 # At most this many models are tried for one generation.
 MAX_MODELS = 3
 
+# workflow.patched() ids: each names a change of the commands a workflow issues (see docs/deployment.md).
+PATCH_SAVE_SURVIVES_CANCEL = "save-work-survives-cancel"
+
+
+async def _uncancellable(awaitable):
+    """Await to the end even if the workflow is canceled meanwhile (shielded, re-shielded on
+    every further cancel request)."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+
 
 class _Rejected(Exception):
     """Refused before anything was charged."""
@@ -138,6 +152,10 @@ class GenerationWorkflow:
             await self._notify(req, result)
             return result
         except BaseException as err:  # noqa: BLE001 - cancellation too: the refund must run
+            if p.work_id:
+                # The work was saved before the cancel or deadline took effect: the user has
+                # their images and has paid for them. Nothing to undo.
+                return await self._complete(req)
             canceled = isinstance(err, (asyncio.CancelledError, CancelledError)) or (
                 isinstance(err, ActivityError) and isinstance(err.cause, CancelledError)
             )
@@ -152,6 +170,9 @@ class GenerationWorkflow:
             if canceled:
                 raise
             raise ApplicationError(p.last_error, result, type=p.error_code, non_retryable=True) from err
+        return await self._complete(req)
+
+    async def _complete(self, req: GenerationRequest) -> GenerationResult:
         self._stage(Stage.DONE)
         self._status(Status.COMPLETED)
         result = self._result(Status.COMPLETED)
@@ -185,7 +206,7 @@ class GenerationWorkflow:
         output = await self._generate(req, downloaded)
 
         self._stage(Stage.SAVING)
-        saved = await workflow.execute_activity_method(
+        save = workflow.execute_activity_method(
             WorkActivities.save_work,
             SaveWorkRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=output.model,
                             prompt=req.prompt, images=output.images),
@@ -193,6 +214,12 @@ class GenerationWorkflow:
             retry_policy=policies.SHORT_RETRY,
             summary=f"Save work ({len(output.images)} image(s))",
         )
+        if workflow.patched(PATCH_SAVE_SURVIVES_CANCEL):
+            # The images exist: a cancel arriving now is too late. Finish the save, so a work
+            # is never saved for a generation that was then refunded.
+            saved = await _uncancellable(save)
+        else:
+            saved = await save
         p.work_id, p.images = saved.work_id, list(output.images)
 
     async def _download(self, req: GenerationRequest):
@@ -256,7 +283,7 @@ class GenerationWorkflow:
         request cannot interrupt it, and it retries until it succeeds."""
         p = self._progress
         self._stage(Stage.REFUNDING)
-        refund = asyncio.ensure_future(
+        result = await _uncancellable(
             workflow.execute_activity_method(
                 CreditActivities.refund_credits,
                 RefundRequest(task_id=req.task_id, user_id=req.user_id, reason=reason),
@@ -265,12 +292,6 @@ class GenerationWorkflow:
                 summary="Refund credits",
             )
         )
-        while True:
-            try:
-                result = await asyncio.shield(refund)
-                break
-            except asyncio.CancelledError:
-                continue
         p.credits_refunded = result.refunded
 
     async def _notify(self, req: GenerationRequest, result: GenerationResult) -> None:
@@ -279,7 +300,7 @@ class GenerationWorkflow:
             return
         self._stage(Stage.NOTIFYING)
         try:
-            await workflow.start_child_workflow(
+            await _uncancellable(workflow.start_child_workflow(
                 WebhookDeliveryWorkflow.run,
                 NotifyRequest(task_id=req.task_id, user_id=req.user_id, url=req.webhook_url,
                               created_at=req.created_at, completed_at=workflow.now().isoformat(), result=result,
@@ -287,7 +308,7 @@ class GenerationWorkflow:
                 id=f"{req.task_id}-webhook",
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 static_summary=f"Webhook for {req.task_id}",
-            )
+            ))
         except Exception as err:  # noqa: BLE001 - a webhook never changes the outcome
             workflow.logger.warning("webhook for %s not started: %s", req.task_id, err)
         finally:
