@@ -343,7 +343,7 @@ class ManagedProcess:
     def profile(self, out: Path, rate: int = 50) -> None:
         """Attach py-spy (a dev tool, not a dependency: `pip install py-spy`) until stop()."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+        fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(out.suffix, "raw")  # raw: collapsed stacks
         self.profiler = subprocess.Popen([py_spy, "record", "--pid", str(self.popen.pid), "--rate", str(rate),
                                           "--format", fmt, "-o", str(out), "--nonblocking"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -393,9 +393,17 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     return clean_env(**values)
 
 
-def start_project_worker(s: Stack, settings: Settings, name: str = "worker") -> ManagedProcess:
-    proc = ManagedProcess(name, [sys.executable, str(ROOT / "worker.py")], env=settings_env(settings),
-                          log_dir=s.tmp).start()
+def start_project_worker(s: Stack, settings: Settings, name: str = "worker", *,
+                         bytecode_cache: bool = False) -> ManagedProcess:
+    """`python worker.py` with these settings. `bytecode_cache`: let Python cache compiled
+    modules (in the temp dir) even where PYTHONDONTWRITEBYTECODE is set, as an image built
+    with `python -m compileall` would: the workflow sandbox re-imports the workflow module
+    for every new workflow, and without a .pyc that means compiling it every time."""
+    env = settings_env(settings)
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(s.tmp / "pycache")
+    proc = ManagedProcess(name, [sys.executable, str(ROOT / "worker.py")], env=env, log_dir=s.tmp).start()
     s.children.append(proc)
     return proc
 
@@ -580,6 +588,23 @@ def start_fake_gemini(s: Stack, delay_s: float, name: str = "fake-gemini") -> tu
             break
         time.sleep(0.1)
     raise RuntimeError(f"fake Gemini server did not start:\n{proc.log_tail()}")
+
+
+# Settings-only variants of the project worker, to measure a proposed change without editing
+# the code: name -> (what it changes, settings overrides, bytecode cache on).
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "shipped": ("as shipped", {}, False),
+    "ai-same-queue": ("call_ai on the main task queue (eager dispatch)", {"ai_task_queue": "="}, False),
+    "bytecode": ("compiled bytecode cached (.pyc)", {}, True),
+    "no-fsync": ("blob store without fsync", {"blob_fsync": False}, False),
+    "tuned": ("bytecode cached + call_ai on the main queue", {"ai_task_queue": "="}, True),
+}
+
+
+def apply_variant(settings: Settings, variant: str) -> tuple[Settings, bool]:
+    _, overrides, bytecode = VARIANTS[variant]
+    update = {k: (settings.task_queue if v == "=" else v) for k, v in overrides.items()}
+    return (settings.model_copy(update=update) if update else settings), bytecode
 
 
 def provider_settings(s: Stack, provider: str, delay_s: float, **overrides: Any) -> tuple[Settings, ManagedProcess | None]:

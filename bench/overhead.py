@@ -32,6 +32,8 @@ from atelier.messages import ImageInput, StoredImage
 from atelier.providers.base import GenerationInput
 from bench.common import (
     ImageServer,
+    history_profile,
+    print_profile,
     make_users,
     parser,
     prepare_database,
@@ -107,6 +109,8 @@ async def bench(args) -> None:
         floor_tq = f"floor-{uuid.uuid4().hex[:8]}"
         gen_e2e, gen_provider, gen_minus, floor_e2e, plain_total, plain_provider, plain_minus = ([] for _ in range(7))
         breakdowns: list[dict[str, float]] = []
+        gen_histories: list = []
+        floor_histories: list = []
 
         with ImageServer() as images:
             urls = [images.add(f"/in/{i}.jpg", small_jpeg(i)) for i in range(2 * (n + warmup))]
@@ -127,7 +131,9 @@ async def bench(args) -> None:
                     gen_e2e.append(e2e)
                     gen_provider.append(provider)
                     gen_minus.append(e2e - provider)
-                    breakdowns.append(activity_breakdown(await handle.fetch_history()))
+                    history = await handle.fetch_history()
+                    breakdowns.append(activity_breakdown(history))
+                    gen_histories.append(history)
 
             async def floor(record: bool) -> None:
                 t = time.perf_counter()
@@ -139,6 +145,7 @@ async def bench(args) -> None:
                 assert done == 6
                 if record:
                     floor_e2e.append(e2e)
+                    floor_histories.append(await handle.fetch_history())
 
             async def plain(record: bool) -> None:
                 task_id = f"plain_{uuid.uuid4().hex}"
@@ -199,6 +206,8 @@ async def bench(args) -> None:
         "plain_async_total_ms": summary(plain_total, 1000),
         "plain_async_minus_provider_ms": pm,
         "generation_history_breakdown_mean": mean_break,
+        "generation_steps": history_profile(gen_histories),
+        "floor_steps": history_profile(floor_histories),
         "ratio_p50_vs_floor": ratio(gm.get("p50"), fl.get("p50")),
         "ratio_p99_vs_floor": ratio(gm.get("p99"), fl.get("p99")),
         "durability_cost_p50_ms": round(gm["p50"] - pm["p50"], 2) if gm.get("n") and pm.get("n") else None,
@@ -218,6 +227,8 @@ async def bench(args) -> None:
                  f"p99 {results['ratio_p99_vs_floor']}x (goal <= {GOAL_RATIO}x: "
                  f"{'met' if results['goal_met'] else 'missed'})"),
     )
+    print_profile("where the generation's time goes (mean per step, from its histories)", results["generation_steps"])
+    print_profile("where the floor's time goes", results["floor_steps"])
     write_result(NAME, args, results, goals={"ratio_p50_vs_floor_max": GOAL_RATIO}, started=started)
 
 
