@@ -240,6 +240,10 @@ class Downloader:
             request = self._pinned_request(url, address)
             try:
                 return await self.client.send(request, stream=True, follow_redirects=False)
+            except httpx.InvalidURL:
+                # httpx builds the next request from a Location header even when not following it;
+                # a data:, javascript: or malformed Location fails there.
+                raise UrlRefused(f"{display_url(url)} redirected to a URL that is not a valid http(s) URL") from None
             except httpx.ConnectError as exc:
                 last_error = exc  # this address is unreachable: try the host's next one
             except httpx.HTTPError as exc:
