@@ -25,90 +25,27 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from PIL import Image
+from temporalio.api.enums.v1 import EventType
 from temporalio.worker import Worker
 
-with workflow.unsafe.imports_passed_through():
-    from PIL import Image
-
-    from activities.ai import AiActivities
-    from activities.credits import CreditActivities
-    from activities.images import ImageActivities
-    from activities.models import ModelActivities
-    from activities.works import WorkActivities
-    from atelier.messages import (
-        SA_STATUS,
-        AiRequest,
-        ChargeRequest,
-        DownloadRequest,
-        GenerationRequest,
-        GenerationResult,
-        ImageInput,
-        SaveWorkRequest,
-        SelectModelRequest,
-    )
-    from bench.common import (
-        ImageServer,
-        console,
-        make_users,
-        parser,
-        prepare_database,
-        print_table,
-        run_main,
-        stack,
-        write_result,
-    )
-    from workflows import policies
-    from workflows.policies import seconds
+from atelier.messages import ImageInput
+from bench.common import (
+    ImageServer,
+    console,
+    make_users,
+    parser,
+    prepare_database,
+    print_table,
+    run_main,
+    stack,
+    write_result,
+)
+from bench.history_probe import HistoryProbeWorkflow
 
 NAME = "history"
 GOAL_BYTES = 64 * 1024
-STATUS_KEY = SearchAttributeKey.for_keyword(SA_STATUS)
 CACHE = Path(tempfile.gettempdir()) / "atelier-bench-cache"
-
-
-@workflow.defn(name="BenchHistoryProbeWorkflow")
-class HistoryProbeWorkflow:
-    """GenerationWorkflow's success path without its validation (so 8 images can pass):
-    the same activities, arguments, timeouts, summaries and status upserts."""
-
-    @workflow.run
-    async def run(self, req: GenerationRequest) -> GenerationResult:
-        t = req.timeouts
-        workflow.upsert_search_attributes([STATUS_KEY.value_set("running")])
-        charge = await workflow.execute_activity_method(
-            CreditActivities.charge_credits,
-            ChargeRequest(task_id=req.task_id, user_id=req.user_id, amount=req.cost, reason=f"{req.kind} generation"),
-            task_queue=req.parameters["main_queue"], start_to_close_timeout=seconds(t.short_start_to_close_s),
-            retry_policy=policies.SHORT_RETRY, summary=f"Charge {req.cost} credits")
-        downloaded = await workflow.execute_activity_method(
-            ImageActivities.download_and_convert,
-            DownloadRequest(task_id=req.task_id, user_id=req.user_id, images=req.images),
-            task_queue=req.parameters["main_queue"], start_to_close_timeout=seconds(t.download_start_to_close_s),
-            heartbeat_timeout=seconds(t.download_heartbeat_s), retry_policy=policies.DOWNLOAD_RETRY,
-            summary=f"Download and convert {len(req.images)} image(s)")
-        choice = await workflow.execute_activity_method(
-            ModelActivities.select_model, SelectModelRequest(kind=req.kind, exclude=[]),
-            task_queue=req.parameters["main_queue"], start_to_close_timeout=seconds(t.short_start_to_close_s),
-            retry_policy=policies.SHORT_RETRY, summary="Select model")
-        output = await workflow.execute_activity_method(
-            AiActivities.call_ai,
-            AiRequest(task_id=req.task_id, kind=req.kind, model=choice.model, provider=choice.provider,
-                      prompt=req.prompt, style=req.style, images=downloaded.images, parameters={}),
-            task_queue=req.ai_task_queue, start_to_close_timeout=seconds(t.ai_start_to_close_s),
-            schedule_to_start_timeout=seconds(t.ai_schedule_to_start_s), heartbeat_timeout=seconds(t.ai_heartbeat_s),
-            retry_policy=policies.ai_retry(t), summary=f"Generate with {choice.model} ({choice.provider})")
-        saved = await workflow.execute_activity_method(
-            WorkActivities.save_work,
-            SaveWorkRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=output.model,
-                            prompt=req.prompt, images=output.images),
-            task_queue=req.parameters["main_queue"], start_to_close_timeout=seconds(t.short_start_to_close_s),
-            retry_policy=policies.SHORT_RETRY, summary=f"Save work ({len(output.images)} image(s))")
-        workflow.upsert_search_attributes([STATUS_KEY.value_set("completed")])
-        return GenerationResult(task_id=req.task_id, status="completed", kind=req.kind, work_id=saved.work_id,
-                                images=list(output.images), model=output.model,
-                                credits_charged=charge.charged)
 
 
 def noise_png(side: int, seed: int) -> bytes:
@@ -166,9 +103,11 @@ async def bench(args) -> None:
                     proto = sum(ev.ByteSize() for ev in history.events)
                     largest = max(ev.ByteSize() for ev in history.events)
                     js = len(history.to_json().encode())
+                    event_types = [ev.event_type for ev in history.events]
                     entry = {"kind": kind, "images": count, "workflow": how, "status": result.status,
                              "input_bytes": sum(len(b) for b in blobs[:count]), "events": len(history.events),
-                             "history_proto_bytes": proto, "history_json_bytes": js, "largest_event_bytes": largest}
+                             "history_proto_bytes": proto, "history_json_bytes": js, "largest_event_bytes": largest,
+                             "event_types": [EventType.Name(t).removeprefix("EVENT_TYPE_") for t in event_types]}
                     measured.append(entry)
                     rows.append([f"{count} image(s), {kind}, {how}", f"{entry['input_bytes'] / 1e6:.1f} MB",
                                  result.status, entry["events"], proto, js, largest])
