@@ -129,6 +129,58 @@ class Settings(BaseSettings):
         return {"photography": self.cost_photography, "fitting": self.cost_fitting}[kind]
 
 
+# One line per setting: what it is. Rendered into the README by `python -m atelier.settings_doc`.
+DESCRIPTIONS = {
+    "temporal_address": "Temporal frontend host:port",
+    "temporal_namespace": "Temporal namespace",
+    "task_queue": "task queue of the workflows and the short activities",
+    "ai_task_queue": "task queue of `call_ai` alone, so long AI calls never starve the short steps",
+    "database_url": "SQLAlchemy URL of the product's database (SQLite file, or `postgresql://...` in production)",
+    "database_pool_size": "connections per process (PostgreSQL; as many again may overflow)",
+    "blob_dir": "folder of the content-addressed blob store (a shared volume when several hosts run)",
+    "blob_fsync": "fsync each blob before it is renamed into place",
+    "max_concurrent_activities": "short activities one worker runs at once",
+    "max_concurrent_ai_calls": "AI calls one worker runs at once (the provider's quota)",
+    "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
+    "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
+    "cost_photography": "credits charged for a photography generation",
+    "cost_fitting": "credits charged for a fitting generation",
+    "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",
+    "max_download_bytes": "largest input image accepted, by URL or upload",
+    "max_redirects": "redirects followed when fetching an image",
+    "connect_timeout_s": "seconds to connect to an image host",
+    "read_timeout_s": "seconds without a byte from an image host",
+    "download_total_timeout_s": "seconds one image download may take in all",
+    "max_image_pixels": "largest declared canvas decoded (decompression bombs are refused)",
+    "max_image_side": "longest side of a stored input image; larger ones are scaled down",
+    "ai_provider": "`gemini` or `local`; default: `gemini` when `GEMINI_API_KEY` is set, else `local` (no AI)",
+    "local_ai_delay_s": "seconds the `local` provider waits, standing in for the AI's latency",
+    "model_catalogue": "JSON file listing models (see models.example.json); default: built in per provider",
+    "model_failure_threshold": "failures within the window after which a model is tried last",
+    "model_failure_window_s": "the window, in seconds, over which model failures count",
+    "gemini_api_key": "Google Gemini API key; never logged",
+    "gemini_base_url": "Gemini REST endpoint (a fake on loopback in tests)",
+    "gemini_timeout_s": "seconds one Gemini call may take",
+    "short_timeout_s": "start-to-close timeout of charge, refund, select_model and save_work",
+    "download_timeout_s": "start-to-close timeout of download_and_convert",
+    "download_heartbeat_s": "heartbeat timeout of download_and_convert",
+    "ai_timeout_s": "start-to-close timeout of one AI call",
+    "ai_heartbeat_s": "heartbeat timeout of the AI call: a dead worker is noticed within this",
+    "ai_schedule_to_start_s": "how long an AI call may wait for a worker before that is a failure",
+    "ai_max_attempts": "attempts per model before falling back to the next one",
+    "generation_deadline_s": "a generation still unfinished after this fails and is refunded (a timer in the workflow)",
+    "webhook_retry_hours": "how long a failing webhook keeps being retried",
+    "api_host": "address the API listens on",
+    "api_port": "port the API listens on",
+    "public_base_url": "base URL of links in answers and webhooks; default: the URL the client used",
+    "admin_token": "bearer token of the /v1/admin routes (unset: they answer 403)",
+    "webhook_secret": "Standard Webhooks signing secret, `whsec_` + base64 (unset: webhooks fail)",
+    "idempotency_ttl_hours": "how long an Idempotency-Key is remembered (at least 24)",
+}
+for _name, _text in DESCRIPTIONS.items():
+    Settings.model_fields[_name].description = _text
+
+
 def _variable_name(loc: tuple) -> str:
     name = str(loc[0]) if loc else "?"
     if name.isupper():

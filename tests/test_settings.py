@@ -120,3 +120,13 @@ def test_the_settings_table_lists_every_variable():
         assert f"`{variable}`" in table
     assert "| `ATELIER_API_PORT` | int (≥ 1, ≤ 65535) | `8000` |" in table
     assert "`GEMINI_API_KEY` or `ATELIER_GEMINI_API_KEY` | secret, optional | (none) |" in table
+
+
+def test_every_setting_is_described_and_the_readme_table_is_current():
+    from pathlib import Path
+
+    assert all(field.description for field in Settings.model_fields.values())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
+    table = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert table == settings_doc.render_table(), "regenerate it: python -m atelier.settings_doc"
