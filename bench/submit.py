@@ -1,0 +1,277 @@
+"""Submit latency: POST /v1/generations through the API, beside bare start_workflow calls.
+
+The API runs as it ships (`python -m starter.api`: uvicorn, one process) on loopback,
+against the same dev server and a SQLite app database; no worker runs (the API never
+waits on the work, so the workflows just queue). The client is httpx with keep-alive,
+authenticating as users with enough credits; every request starts a new generation of one
+image URL. The baseline, in this process, calls `client.start_workflow` exactly as the
+API's start does (starter.service.start_generation: same request, search attributes and
+summary), at the same concurrency.
+
+* closed loop: C clients, each sending its next request when the last one answered, for
+  a fixed time; p50/p99 latency and requests per second. The two arms alternate per C.
+* open loop: requests sent on a fixed schedule (100 per second), latency measured from
+  each request's scheduled time, so a stall is counted in full (no coordinated omission).
+
+Goals (issues 3 and 6): open loop at 100/s p99 < 50 ms; closed loop at 1, 10 and 50
+clients p50 and p99 within 1.2x bare; requests per second at saturation >= 0.8x bare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from atelier import credits, users
+from atelier.db import create_engine
+from atelier.messages import ImageInput
+from bench.common import (
+    RESULTS_DIR,
+    ManagedProcess,
+    console,
+    parser,
+    pct,
+    prepare_database,
+    print_table,
+    ratio,
+    run_main,
+    settings_env,
+    stack,
+    summary,
+    write_result,
+)
+from starter.service import build_request, start_generation
+
+NAME = "submit"
+GOAL_OPEN_P99_MS = 50.0
+GOAL_LATENCY_RATIO = 1.2
+GOAL_RPS_RATIO = 0.8
+IMAGE_URL = "http://127.0.0.1:9/photo.jpg"  # never fetched: no worker runs
+BODY = {"kind": "photography", "images": [{"url": IMAGE_URL}], "style": "studio"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def closed_loop(call, concurrency: int, duration: float, warmup: float) -> dict:
+    """C clients in a loop for `warmup` + `duration` s; only the last `duration` s count."""
+    loop = asyncio.get_running_loop()
+    t_start = loop.time()
+    t_measure, t_stop = t_start + warmup, t_start + warmup + duration
+    latencies: list[float] = []
+    errors = 0
+
+    async def client() -> None:
+        nonlocal errors
+        while loop.time() < t_stop:
+            t = loop.time()
+            ok = await call()
+            if t >= t_measure:
+                if ok:
+                    latencies.append(loop.time() - t)
+                else:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = max(loop.time(), t_stop) - t_measure
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "rps": round(len(latencies) / elapsed, 1), "latency_ms": summary(latencies, 1000)}
+
+
+async def open_loop(call, rate: float, duration: float) -> dict:
+    """`rate` requests per second for `duration` s, each timed from its scheduled start."""
+    loop = asyncio.get_running_loop()
+    n = int(rate * duration)
+    t0 = loop.time() + 0.2
+    latencies: list[float] = []
+    errors = 0
+    late: list[float] = []
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        scheduled = t0 + i / rate
+        await asyncio.sleep(max(0.0, scheduled - loop.time()))
+        late.append(loop.time() - scheduled)
+        ok = await call()
+        if ok:
+            latencies.append(loop.time() - scheduled)
+        else:
+            errors += 1
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return {"rate": rate, "requests": len(latencies), "errors": errors, "latency_ms": summary(latencies, 1000),
+            "send_lag_ms_p99": round(pct(late, 99) * 1000, 2)}
+
+
+async def wait_healthy(base: str, proc: ManagedProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=base, timeout=2, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"the API exited:\n{proc.log_tail()}")
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the API did not answer /healthz within {timeout} s:\n{proc.log_tail()}")
+
+
+def chart(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["closed_loop"]
+    cs = [r["concurrency"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, color in (("api", "tab:blue"), ("bare", "tab:gray")):
+        label = "POST /v1/generations" if arm == "api" else "bare start_workflow"
+        ax.plot(cs, [r[arm]["latency_ms"]["p50"] for r in rows], "o-", color=color, label=f"{label} p50")
+        ax.plot(cs, [r[arm]["latency_ms"]["p99"] for r in rows], "s--", color=color, label=f"{label} p99")
+        ax2.plot(cs, [r[arm]["rps"] for r in rows], "o-", color=color, label=label)
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(cs, [str(c) for c in cs])
+        a.set_xlabel("concurrent clients (closed loop)")
+        a.grid(True, alpha=0.3)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Submit latency against concurrency")
+    ax2.set_ylabel("requests per second")
+    ax2.set_title("Submit throughput")
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+async def bench(args) -> None:
+    started = time.time()
+    if args.quick:
+        levels, duration, warmup, rate, open_s = [1, 5], 1.5, 0.3, 20.0, 1.0
+    else:
+        levels = [int(c) for c in args.concurrency.split(",")]
+        duration, warmup, rate, open_s = args.duration, args.warmup, args.rate, args.open_seconds
+    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+        port = free_port()
+        settings = s.settings(api_host="127.0.0.1", api_port=port, admin_token="bench-admin-token")
+        await prepare_database(settings)
+        engine = create_engine(settings.database_url)
+        keys, user_ids = [], []
+        for _ in range(args.users):
+            new = await users.create_user(engine)
+            await credits.grant(engine, user_id=new.user_id, amount=10**9, reason="benchmark")
+            keys.append(new.api_key)
+            user_ids.append(new.user_id)
+        await engine.dispose()
+        env = settings_env(settings, ATELIER_API_HOST="127.0.0.1", ATELIER_API_PORT=str(port),
+                           ATELIER_ADMIN_TOKEN="bench-admin-token")
+        api = ManagedProcess("api", [__import__("sys").executable, "-m", "starter.api"], env=env,
+                             log_dir=s.tmp).start()
+        s.children.append(api)
+        base = f"http://127.0.0.1:{port}"
+        await wait_healthy(base, api)
+        limits = httpx.Limits(max_connections=max(levels + [int(rate)]) * 2, max_keepalive_connections=400)
+        counter = 0
+
+        async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits, trust_env=False) as http:
+
+            async def api_call() -> bool:
+                nonlocal counter
+                counter += 1
+                r = await http.post("/v1/generations", json=BODY,
+                                    headers={"Authorization": f"Bearer {keys[counter % len(keys)]}"})
+                return r.status_code == 202
+
+            async def bare_call() -> bool:
+                nonlocal counter
+                counter += 1
+                req = build_request(settings, user_id=user_ids[counter % len(user_ids)], kind="photography",
+                                    images=[ImageInput(url=IMAGE_URL)], style="studio")
+                await start_generation(s.client, req, task_queue=settings.task_queue)
+                return True
+
+            if not await api_call():
+                raise RuntimeError(f"the API refused the benchmark's request:\n{api.log_tail()}")
+            closed = []
+            for i, c in enumerate(levels):
+                console.print(f"closed loop, {c} client(s)")
+                # Alternate which arm goes first, so a drifting load hits both alike.
+                order = ("bare", "api") if i % 2 == 0 else ("api", "bare")
+                row: dict = {"concurrency": c}
+                for arm in order:
+                    row[arm] = await closed_loop(api_call if arm == "api" else bare_call, c, duration, warmup)
+                row["p50_ratio"] = ratio(row["api"]["latency_ms"]["p50"], row["bare"]["latency_ms"]["p50"])
+                row["p99_ratio"] = ratio(row["api"]["latency_ms"]["p99"], row["bare"]["latency_ms"]["p99"])
+                row["rps_ratio"] = ratio(row["api"]["rps"], row["bare"]["rps"])
+                closed.append(row)
+            console.print(f"open loop, {rate:g} per second for {open_s:g} s")
+            open_bare = await open_loop(bare_call, rate, open_s)
+            open_api = await open_loop(api_call, rate, open_s)
+        api.stop()
+
+    sat_api = max(r["api"]["rps"] for r in closed)
+    sat_bare = max(r["bare"]["rps"] for r in closed)
+    gated = [r for r in closed if r["concurrency"] <= 50]
+    results = {
+        "closed_loop": closed,
+        "open_loop": {"api": open_api, "bare": open_bare},
+        "saturation_rps": {"api": sat_api, "bare": sat_bare, "ratio": ratio(sat_api, sat_bare)},
+        "open_loop_p99_ms": open_api["latency_ms"].get("p99"),
+    }
+    results["goals_met"] = {
+        "open_loop_p99": bool(results["open_loop_p99_ms"] < GOAL_OPEN_P99_MS),
+        "latency_within_1_2x_at_1_10_50": bool(gated) and all(
+            r["p50_ratio"] <= GOAL_LATENCY_RATIO and r["p99_ratio"] <= GOAL_LATENCY_RATIO for r in gated),
+        "saturation_rps": bool(results["saturation_rps"]["ratio"] >= GOAL_RPS_RATIO),
+    }
+    rows = []
+    for r in closed:
+        rows.append([r["concurrency"], r["bare"]["latency_ms"]["p50"], r["api"]["latency_ms"]["p50"], r["p50_ratio"],
+                     r["bare"]["latency_ms"]["p99"], r["api"]["latency_ms"]["p99"], r["p99_ratio"],
+                     r["bare"]["rps"], r["api"]["rps"], r["rps_ratio"]])
+    print_table("Submit: closed loop (ms, requests/s)",
+                ["clients", "bare p50", "API p50", "x", "bare p99", "API p99", "x", "bare req/s", "API req/s", "x"],
+                rows, caption=f"goals: p50/p99 <= {GOAL_LATENCY_RATIO}x bare at 1, 10, 50 clients; "
+                              f"req/s at saturation >= {GOAL_RPS_RATIO}x bare ({results['saturation_rps']['ratio']}x)")
+    print_table(f"Submit: open loop at {rate:g}/s for {open_s:g} s (ms from the scheduled send)",
+                ["arm", "requests", "errors", "p50", "p99", "max"],
+                [[arm, r["requests"], r["errors"], r["latency_ms"].get("p50"), r["latency_ms"].get("p99"),
+                  r["latency_ms"].get("max")] for arm, r in (("bare start_workflow", open_bare),
+                                                             ("POST /v1/generations", open_api))],
+                caption=f"goal: API p99 < {GOAL_OPEN_P99_MS:g} ms "
+                        f"({'met' if results['goals_met']['open_loop_p99'] else 'missed'})")
+    results["chart"] = str(chart(results, args.chart))
+    write_result(NAME, args, results, goals={"open_loop_p99_max_ms": GOAL_OPEN_P99_MS,
+                                             "latency_ratio_max": GOAL_LATENCY_RATIO,
+                                             "saturation_rps_ratio_min": GOAL_RPS_RATIO}, started=started)
+
+
+def main() -> None:
+    p = parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,10,50,200", help="closed-loop client counts")
+    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per arm and client count")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
+    p.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
+    p.add_argument("--open-seconds", type=float, default=10.0, help="open-loop duration")
+    p.add_argument("--users", type=int, default=20, help="distinct users (API keys) sending")
+    p.add_argument("--chart", type=Path, default=RESULTS_DIR / "submit.png", help="latency-against-concurrency chart")
+    args = p.parse_args()
+    run_main(lambda: bench(args))
+
+
+if __name__ == "__main__":
+    main()
