@@ -155,6 +155,10 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
 
 
 async def create_schema_for_tests(engine: AsyncEngine) -> None:
-    """Tests only: production schemas come from Alembic migrations."""
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    """Bring a test or benchmark database to the newest schema, through the Alembic
+    migrations exactly as production does (there is no create_all anywhere)."""
+    import asyncio
+
+    from atelier import migrate
+
+    await asyncio.to_thread(migrate.upgrade, engine.url.render_as_string(hide_password=False))
