@@ -21,6 +21,7 @@ from atelier.db import create_schema_for_tests
 from atelier.messages import SEARCH_ATTRIBUTES, ImageInput, StoredImage, Timeouts
 from atelier.settings import Settings
 from starter.service import build_request, start_generation
+from tests import postgres_db
 from worker import Dependencies, build_dependencies, build_workers
 
 HERE = Path(__file__).parent
@@ -151,8 +152,14 @@ class Harness:
 @pytest.fixture
 async def harness_factory(client, tmp_path):
     made: list[Harness] = []
+    databases: list[str] = []
 
     async def make(**overrides) -> Harness:
+        if on_postgres() and "database_url" not in overrides:
+            # A database of its own per harness, as each SQLite test has its own file: model
+            # health, works and ledger rows of one test never leak into another.
+            overrides["database_url"] = await postgres_db.create_database("atelier_h")
+            databases.append(overrides["database_url"])
         settings = make_settings(tmp_path, **overrides)
         deps = build_dependencies(settings)
         await create_schema_for_tests(deps.engine)
@@ -163,6 +170,12 @@ async def harness_factory(client, tmp_path):
     yield make
     for h in made:
         await h.deps.aclose()
+    for url in databases:
+        await postgres_db.drop_database(url)
+
+
+def on_postgres() -> bool:
+    return os.environ.get("ATELIER_TEST_DATABASE_URL", "").startswith("postgres")
 
 
 @pytest.fixture
