@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from atelier.db import ledger, users
+from atelier.db import ledger, users, reading
 from atelier.errors import InsufficientCredits, InvalidRequest, UnknownUser
 
 
@@ -145,7 +145,7 @@ async def grant(engine: AsyncEngine, *, user_id: str, amount: int, reason: str =
 
 
 async def balance(engine: AsyncEngine, user_id: str) -> int:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         return await _balance(conn, user_id)
 
 
@@ -154,14 +154,14 @@ async def entries(engine: AsyncEngine, user_id: str, *, limit: int = 50, task_id
     if task_id is not None:
         query = query.where(ledger.c.task_id == task_id)
     query = query.order_by(ledger.c.id.desc()).limit(limit)
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         rows = (await conn.execute(query)).all()
     return [LedgerEntry(r.id, r.task_id, r.entry, int(r.amount), r.reason, r.created_at) for r in rows]
 
 
 async def task_totals(engine: AsyncEngine, task_id: str) -> tuple[int, int]:
     """(charged, refunded) for one task, read from the ledger itself."""
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         rows = (await conn.execute(select(ledger.c.entry, ledger.c.amount).where(ledger.c.task_id == task_id))).all()
     charged = sum(-int(r.amount) for r in rows if r.entry == "charge")
     refunded = sum(int(r.amount) for r in rows if r.entry == "refund")

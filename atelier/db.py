@@ -145,13 +145,29 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _begin_immediate(conn):  # pragma: no cover - driver hook
-            # Take the write lock up front: no deadlock when two readers both try to write.
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                return  # a reader (see `reading`): WAL gives it a snapshot, no lock needed
+            # A writer takes the write lock up front: no deadlock when two transactions that
+            # read first both try to write.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
     )
+
+
+def reading(engine: AsyncEngine):
+    """A connection for reads only. On SQLite it takes no write lock, so readers never queue
+    behind writers; elsewhere it is a plain connection."""
+    if engine.dialect.name != "sqlite":
+        return engine.connect()
+    reader = getattr(engine.sync_engine, "_atelier_reader", None)
+    if reader is None:
+        # One option-engine per engine (about 0.1 ms to make), not one per call.
+        reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        engine.sync_engine._atelier_reader = reader
+    return reader.connect()
 
 
 async def create_schema_for_tests(engine: AsyncEngine) -> None:

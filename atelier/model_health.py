@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import model_failures
+from atelier.db import model_failures, reading
 
 
 async def record_failure(engine: AsyncEngine, model: str, error_code: str) -> None:
@@ -21,7 +21,7 @@ async def record_failure(engine: AsyncEngine, model: str, error_code: str) -> No
 
 async def unhealthy_models(engine: AsyncEngine, *, threshold: int, window_s: float) -> set[str]:
     since = datetime.now(timezone.utc) - timedelta(seconds=window_s)
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         rows = (await conn.execute(
             select(model_failures.c.model, func.count())
             .where(model_failures.c.at >= since)

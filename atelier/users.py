@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import api_keys, users
+from atelier.db import api_keys, users, reading
 
 KEY_PREFIX = "atl_"
 
@@ -40,7 +40,7 @@ async def user_for_key(engine: AsyncEngine, api_key: str) -> str | None:
     """The user an API key belongs to, or None (unknown, malformed or revoked)."""
     if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
         return None
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         row = (
             await conn.execute(
                 select(api_keys.c.user_id, api_keys.c.revoked_at).where(api_keys.c.key_hash == hash_key(api_key))
@@ -52,5 +52,5 @@ async def user_for_key(engine: AsyncEngine, api_key: str) -> str | None:
 
 
 async def user_exists(engine: AsyncEngine, user_id: str) -> bool:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         return (await conn.execute(select(users.c.id).where(users.c.id == user_id))).first() is not None

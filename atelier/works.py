@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import files, works
+from atelier.db import files, works, reading
 from atelier.messages import StoredImage
 
 
@@ -63,13 +63,13 @@ async def save_work(engine: AsyncEngine, *, task_id: str, user_id: str, kind: st
 
 
 async def get_work(engine: AsyncEngine, work_id: str) -> Work | None:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         r = (await conn.execute(select(works).where(works.c.id == work_id))).one_or_none()
     return _row_to_work(r) if r else None
 
 
 async def work_for_task(engine: AsyncEngine, task_id: str) -> Work | None:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         r = (await conn.execute(select(works).where(works.c.task_id == task_id))).one_or_none()
     return _row_to_work(r) if r else None
 
@@ -79,7 +79,7 @@ async def list_works(engine: AsyncEngine, user_id: str, *, limit: int = 50, befo
     if before is not None:
         q = q.where(works.c.created_at < before)
     q = q.order_by(works.c.created_at.desc()).limit(limit)
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         return [_row_to_work(r) for r in (await conn.execute(q)).all()]
 
 
@@ -111,7 +111,7 @@ async def record_upload(engine: AsyncEngine, *, user_id: str, image: StoredImage
 
 async def upload_of(engine: AsyncEngine, *, user_id: str, file_id: str) -> UserFile | None:
     """An uploaded file, only if it belongs to `user_id` (someone else's id is as good as unknown)."""
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         r = (await conn.execute(
             select(files).where(files.c.id == file_id, files.c.user_id == user_id, files.c.origin == "upload")
         )).one_or_none()
@@ -121,7 +121,7 @@ async def upload_of(engine: AsyncEngine, *, user_id: str, file_id: str) -> UserF
 
 
 async def owns_blob(engine: AsyncEngine, *, user_id: str, blob_key: str) -> bool:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         return (await conn.execute(
             select(files.c.id).where(files.c.user_id == user_id, files.c.blob_key == blob_key).limit(1)
         )).first() is not None

@@ -151,3 +151,18 @@ async def test_ledger_property_balance_equals_sum_of_entries(engine, ops, start)
     for (task_id, entry), (amount,) in per_task.items():
         if entry == "refund":
             assert per_task[(task_id, "charge")] == [-amount]
+
+
+async def test_on_sqlite_a_reader_does_not_queue_behind_a_writer(tmp_path):
+    """Reads take no write lock: a balance is readable while another transaction holds it."""
+    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path}/locks.db")
+    await create_schema_for_tests(eng)
+    try:
+        user = await _user(eng, 40)
+        async with eng.begin() as writer:  # holds SQLite's write lock until the block ends
+            await writer.execute(ledger.insert().values(user_id=user, task_id="held", entry="grant", amount=1,
+                                                        reason="", created_at=__import__("datetime").datetime.now()))
+            # Would wait for the lock (60 s busy timeout) if reads took it too.
+            assert await asyncio.wait_for(credits.balance(eng, user), timeout=10) == 40
+    finally:
+        await eng.dispose()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import files, users
+from atelier.db import files, users, reading
 from starter.api import idempotency
 
 
@@ -22,7 +22,7 @@ class SubmissionFacts:
 
 async def read_facts(engine: AsyncEngine, *, user_id: str, file_ids: list[str], idempotency_key: str | None,
                      ttl_hours: float) -> SubmissionFacts:
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         balance = (await conn.execute(select(users.c.balance).where(users.c.id == user_id))).scalar()
         uploads: dict[str, str] = {}
         if file_ids:
