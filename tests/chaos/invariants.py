@@ -204,11 +204,17 @@ async def check_replay(client: Client, task_ids: list[str], *, concurrency: int 
     """Every history replays against the current workflow code. Returns (violations, histories replayed)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def fetch(task_id: str) -> WorkflowHistory:
-        async with gate:
-            return await client.get_workflow_handle(task_id).fetch_history()
+    missing: list[Violation] = []
 
-    histories = await asyncio.gather(*(fetch(t) for t in task_ids))
+    async def fetch(workflow_id: str) -> WorkflowHistory | None:
+        async with gate:
+            try:
+                return await client.get_workflow_handle(workflow_id).fetch_history()
+            except RPCError as err:
+                missing.append(Violation("history_missing", workflow_id, f"{err.status.name}: {err.message}"))
+                return None
+
+    histories = [h for h in await asyncio.gather(*(fetch(t) for t in task_ids)) if h is not None]
     run_to_task = {h.run_id: h.workflow_id for h in histories}
 
     async def stream():
@@ -217,6 +223,6 @@ async def check_replay(client: Client, task_ids: list[str], *, concurrency: int 
 
     replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow])
     results = await replayer.replay_workflows(stream(), raise_on_replay_failure=False)
-    violations = [Violation("replay", run_to_task.get(run_id, run_id), f"{type(err).__name__}: {err}")
-                  for run_id, err in results.replay_failures.items()]
+    violations = missing + [Violation("replay", run_to_task.get(run_id, run_id), f"{type(err).__name__}: {err}")
+                            for run_id, err in results.replay_failures.items()]
     return violations, len(histories)

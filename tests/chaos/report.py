@@ -23,9 +23,12 @@ def _rows(report: ChaosReport) -> list[tuple[str, str]]:
         ("failure codes", ", ".join(f"{k} {v}" for k, v in sorted(report.error_codes.items())) or "-"),
         ("provider calls", str(report.provider_calls)),
         ("faults injected", f"{sum(report.faults.values())}: {faults}"),
-        ("workers SIGKILLed", str(report.worker_kills)),
+        ("workers SIGKILLed", str(report.worker_kills)
+         + (f" (+{report.worker_exits_while_temporal_down} restarted while Temporal was down)"
+            if report.worker_exits_while_temporal_down else "")),
         ("Temporal restarts", f"{report.server_restarts} (down {report.server_downtime_s:.1f} s)"),
         ("cancels requested / accepted", f"{report.cancels_requested} / {report.cancels_accepted}"),
+        ("webhooks asked / delivered (signed)", f"{report.webhooks_asked} / {report.webhooks_delivered}"),
         ("histories replayed", str(report.histories_replayed)),
         ("invariant violations", str(len(report.violations))),
     ]

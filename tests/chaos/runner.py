@@ -47,6 +47,7 @@ from tests.chaos.processes import (
 )
 from tests.fakes import images as fake_images
 from tests.fakes.http_server import FakeHttpServer
+from tests.fakes.webhook_receiver import WebhookReceiver
 
 COSTS = {"photography": 10, "fitting": 15}
 IMAGE_COUNTS = {"photography": (1, 2), "fitting": (2, 3)}
@@ -68,6 +69,8 @@ class ChaosConfig:
     poor_credits: int = 25
     # Share of input images given by URL (the loopback image host) rather than as uploads.
     url_fraction: float = 0.4
+    # Share of generations asking for a signed webhook (a receiver on loopback).
+    webhook_fraction: float = 0.2
     # A worker is SIGKILLed every kill_every_s (drawn), stays down kill_down_s (drawn), from the
     # first submission until kill_tail_s after the last one.
     kill_every_s: tuple[float, float] = (6.0, 16.0)
@@ -107,6 +110,7 @@ class Submission:
     cancel_answer: int | None = None
     final: str | None = None
     error_code: str | None = None
+    webhook: bool = False
 
 
 @dataclass
@@ -125,12 +129,15 @@ class ChaosReport:
     provider_calls: int = 0
     worker_kills: int = 0
     unexpected_worker_exits: int = 0
+    worker_exits_while_temporal_down: int = 0
     server_restarts: int = 0
     server_downtime_s: float = 0.0
     cancels_requested: int = 0
     cancels_accepted: int = 0
     api_answers: dict[str, int] = field(default_factory=dict)
     histories_replayed: int = 0
+    webhooks_asked: int = 0
+    webhooks_delivered: int = 0
     violations: list[dict] = field(default_factory=list)
     work_dir: str = ""
 
@@ -162,6 +169,9 @@ class ChaosRun:
         self.api_answers: Counter[str] = Counter()
         self.violations: list[Violation] = []
         self.unexpected_exits = 0
+        self.exits_while_temporal_down = 0
+        self._server_down = False
+        self._server_up_at = float("-inf")
         self.server_restarts = 0
         self.server_downtime_s = 0.0
         self._killing: set[int] = set()  # workers the run is killing or restarting on purpose
@@ -206,6 +216,8 @@ class ChaosRun:
         stack.callback(self.gemini.stop)
         self.images = FakeHttpServer().start()
         stack.callback(self.images.stop)
+        self.receiver = WebhookReceiver(self.secrets["webhook_secret"]).start()
+        stack.callback(self.receiver.stop)
         self.images.route("/in/a.jpg", body=fake_images.jpeg(360, 280), headers={"Content-Type": "image/jpeg"})
         self.images.route("/in/b.png", body=fake_images.png(300, 300), headers={"Content-Type": "image/png"})
         self.images.route("/in/c.jpg", body=fake_images.jpeg_with_orientation(320, 200),
@@ -271,9 +283,13 @@ class ChaosRun:
                     images.append({"file_id": rng.choice(self.uploads[user])})
             body = {"kind": kind, "images": images, "prompt": f"chaos {index}: soft window light",
                     "style": rng.choice(["studio", "editorial", ""])}
+            webhook = rng.random() < c.webhook_fraction
+            if webhook:
+                body["webhook_url"] = self.receiver.url
             cancel = rng.uniform(0.5, 15.0) if rng.random() < c.cancel_fraction else None
             self.submissions.append(Submission(index=index, key=f"chaos-{self.run_id}-{index}", user=user,
-                                               kind=kind, at_s=at_s, body=body, cancel_after_s=cancel))
+                                               kind=kind, at_s=at_s, body=body, cancel_after_s=cancel,
+                                               webhook=webhook))
         # The poor user's submissions arrive together: the API's quick balance check lets them
         # all through, and the workflow's atomic charge must refuse those the balance cannot pay.
         poor = [s for s in self.submissions if s.user == "poor"]
@@ -360,25 +376,38 @@ class ChaosRun:
             finally:
                 self._killing.discard(index)
 
+    def _temporal_was_down_lately(self, grace_s: float = 15.0) -> bool:
+        return self._server_down or time.monotonic() - self._server_up_at < grace_s
+
     async def _supervise(self) -> None:
-        """A worker that exits when nobody killed it is a finding: count it, start it again."""
+        """Start again a worker that exited when nobody killed it, as a process manager would.
+        A worker (re)started while Temporal is down exits at once (it cannot connect): that is
+        counted, not a violation. Any other exit is a finding."""
         while True:
             await asyncio.sleep(1.0)
             for index, worker in enumerate(self.workers):
                 if index not in self._killing and not worker.alive:
-                    self.unexpected_exits += 1
-                    self.violations.append(Violation("worker_exited", None,
-                                                     f"{worker.name} exited with {worker.returncode} by itself"))
+                    if self._temporal_was_down_lately():
+                        self.exits_while_temporal_down += 1
+                    else:
+                        self.unexpected_exits += 1
+                        self.violations.append(Violation("worker_exited", None,
+                                                         f"{worker.name} exited with {worker.returncode} by itself"))
                     worker.start()
 
     async def _restart_server(self, at_s: float) -> None:
         await asyncio.sleep(at_s)
         assert self.server is not None
         started = time.monotonic()
-        await asyncio.to_thread(self.server.stop, 20.0)
-        await asyncio.sleep(self.config.server_down_s)
-        self.server.start()
-        await self.server.wait_ready()
+        self._server_down = True
+        try:
+            await asyncio.to_thread(self.server.stop, 20.0)
+            await asyncio.sleep(self.config.server_down_s)
+            self.server.start()
+            await self.server.wait_ready()
+        finally:
+            self._server_down = False
+            self._server_up_at = time.monotonic()
         self.server_downtime_s = time.monotonic() - started
         self.server_restarts += 1
 
@@ -416,12 +445,55 @@ class ChaosRun:
             ledger = await _ledger_totals(engine)
         finally:
             await engine.dispose()
-        replay_violations, replayed = await invariants.check_replay(self.client, task_ids)
+        webhook_violations, delivered = await self._check_webhooks(accepted, states)
+        self.violations += webhook_violations
+        children = [f"{s.task_id}-webhook" for s in accepted if s.webhook]
+        replay_violations, replayed = await invariants.check_replay(self.client, task_ids + children)
         self.violations += replay_violations
         self.violations += await self._check_api_agrees(accepted, states)
+        self.violations += self._check_logs_hold_no_secret()
+        self.webhooks_delivered = delivered
         for s in accepted:
             s.final, s.error_code = states[s.task_id].status, states[s.task_id].error_code
         return ledger, replayed
+
+    async def _check_webhooks(self, accepted: list[Submission], states, timeout_s: float = 60.0
+                              ) -> tuple[list[Violation], int]:
+        """Every generation that asked for a webhook gets a signed delivery of its final state
+        (at least once: a worker killed mid-delivery may deliver twice, under the same webhook-id)."""
+        wanted = {s.task_id: states[s.task_id].status for s in accepted if s.webhook}
+        deadline = time.monotonic() + timeout_s
+
+        def delivered() -> dict[str, set[str]]:
+            seen: dict[str, set[str]] = {}
+            for d in self.receiver.deliveries:
+                if d.verified and d.succeeded and isinstance(d.payload, dict):
+                    data = d.payload.get("data") or {}
+                    seen.setdefault(data.get("id"), set()).add(d.payload.get("type"))
+            return seen
+
+        while time.monotonic() < deadline and not all(t in delivered() for t in wanted):
+            await asyncio.sleep(0.5)
+        seen, out = delivered(), []
+        for task_id, status in wanted.items():
+            if task_id not in seen:
+                out.append(Violation("webhook_missing", task_id, f"{status}: no verified delivery in {timeout_s:g} s"))
+            elif seen[task_id] != {f"generation.{status}"}:
+                out.append(Violation("webhook_wrong", task_id, f"{status}: delivered {sorted(seen[task_id])}"))
+        unsigned = [d for d in self.receiver.deliveries if not d.verified]
+        if unsigned:
+            out.append(Violation("webhook_unsigned", None, f"{len(unsigned)} deliveries failed verification"))
+        return out, sum(1 for t in wanted if t in seen)
+
+    def _check_logs_hold_no_secret(self) -> list[Violation]:
+        """The processes' own logs (API, workers, Temporal) never hold a secret of the run."""
+        values = {**self.secrets, "webhook_secret_body": self.secrets["webhook_secret"].removeprefix("whsec_")}
+        values.update({f"api key of {label}": key for label, (_, key) in self.users.items()})
+        out = []
+        for path in sorted(self.logs.glob("*.log")):
+            text = path.read_text(errors="replace")
+            out += [Violation("secret_in_log", None, f"{name} in {path.name}") for name, v in values.items() if v in text]
+        return out
 
     async def _check_api_agrees(self, accepted: list[Submission], states) -> list[Violation]:
         """What a user reads through the API is what Temporal and the ledger say."""
@@ -487,11 +559,14 @@ class ChaosRun:
         report.provider_calls = len(self.gemini.requests)
         report.worker_kills = sum(w.kills for w in self.workers)
         report.unexpected_worker_exits = self.unexpected_exits
+        report.worker_exits_while_temporal_down = self.exits_while_temporal_down
         report.server_restarts = self.server_restarts
         report.server_downtime_s = round(self.server_downtime_s, 1)
         report.cancels_requested = sum(1 for s in accepted if s.cancel_after_s is not None)
         report.cancels_accepted = sum(1 for s in accepted if s.cancel_answer == 202)
         report.api_answers = dict(sorted(self.api_answers.items()))
+        report.webhooks_asked = sum(1 for s in accepted if s.webhook)
+        report.webhooks_delivered = getattr(self, "webhooks_delivered", 0)
         report.violations = [v.to_dict() for v in self.violations]
         if not c.keep_work_dir and not self.violations:
             shutil.rmtree(self.work_dir, ignore_errors=True)

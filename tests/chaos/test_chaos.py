@@ -39,4 +39,5 @@ async def test_chaos_run_loses_nothing_and_accounts_for_every_credit():
     assert report.statuses.get("failed", 0) >= 1  # blocked content fails for good, refunded
     assert report.statuses.get("canceled", 0) >= 1
     assert report.refunds >= report.statuses.get("failed", 0)
-    assert report.histories_replayed == report.accepted
+    assert report.webhooks_asked >= 1 and report.webhooks_delivered == report.webhooks_asked
+    assert report.histories_replayed == report.accepted + report.webhooks_asked  # webhook workflows too
