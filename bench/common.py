@@ -115,6 +115,7 @@ def run_main(coro_fn: Callable[[], Any]) -> None:
     """Run the benchmark and leave with its status. The Temporal SDK can abort at interpreter
     exit (PyGILState_Release) once the work is done: exit before it can."""
     code = 0
+    use_bytecode_cache()
     try:
         asyncio.run(coro_fn())
     except KeyboardInterrupt:
@@ -364,10 +365,29 @@ class ManagedProcess:
             self.popen.wait(timeout=5)
 
 
-def clean_env(**values: str) -> dict[str, str]:
-    """This process's environment without any ATELIER_/GEMINI_ setting, plus `values`."""
+BYTECODE_CACHE = Path(tempfile.gettempdir()) / "atelier-bench-pycache"
+
+
+def use_bytecode_cache() -> None:
+    """Let this process cache compiled modules even where PYTHONDONTWRITEBYTECODE is set (it
+    is in some dev shells). The workflow sandbox re-imports the workflow's module for every new
+    workflow: without a .pyc that is a compile each time (~4 ms for workflows/generation.py),
+    which a production image (pip compiles on install) never pays. Benchmarks measure that."""
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = str(BYTECODE_CACHE)
+
+
+def clean_env(*, bytecode_cache: bool = True, **values: str) -> dict[str, str]:
+    """This process's environment without any ATELIER_/GEMINI_ setting, plus `values`; with the
+    bytecode cache on (see use_bytecode_cache) unless asked otherwise."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATELIER_", "GEMINI_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(BYTECODE_CACHE)
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     env.update(values)
     return env
 
@@ -378,7 +398,7 @@ _ENV_FIELDS = ("temporal_address", "database_url", "blob_dir", "blob_fsync", "ta
                "database_pool_size")
 
 
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+def settings_env(settings: Settings, *, bytecode_cache: bool = True, **extra: str) -> dict[str, str]:
     """The environment that gives `python worker.py` these settings."""
     values: dict[str, str] = {}
     for name in _ENV_FIELDS:
@@ -390,27 +410,27 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         values["GEMINI_API_KEY"] = settings.gemini_api_key.get_secret_value()
         values["GEMINI_BASE_URL"] = settings.gemini_base_url
     values.update(extra)
-    return clean_env(**values)
+    return clean_env(bytecode_cache=bytecode_cache, **values)
 
 
 def start_project_worker(s: Stack, settings: Settings, name: str = "worker", *,
-                         bytecode_cache: bool = False) -> ManagedProcess:
-    """`python worker.py` with these settings. `bytecode_cache`: let Python cache compiled
-    modules (in the temp dir) even where PYTHONDONTWRITEBYTECODE is set, as an image built
-    with `python -m compileall` would: the workflow sandbox re-imports the workflow module
-    for every new workflow, and without a .pyc that means compiling it every time."""
-    env = settings_env(settings)
-    if bytecode_cache:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(s.tmp / "pycache")
-    proc = ManagedProcess(name, [sys.executable, str(ROOT / "worker.py")], env=env, log_dir=s.tmp).start()
+                         bytecode_cache: bool = True, patches: tuple[str, ...] = ()) -> ManagedProcess:
+    """`python worker.py` with these settings (and the bytecode cache, see use_bytecode_cache)."""
+    env = settings_env(settings, bytecode_cache=bytecode_cache)
+    cmd = [sys.executable, str(ROOT / "worker.py")]
+    if patches:  # a proposed code change, applied in memory (bench/patched.py)
+        cmd = [sys.executable, "-m", "bench.patched", *(f"--patch={p}" for p in patches), "worker"]
+    proc = ManagedProcess(name, cmd, env=env, log_dir=s.tmp).start()
     s.children.append(proc)
     return proc
 
 
-def start_floor_worker(s: Stack, task_queue: str, name: str = "floor-worker") -> ManagedProcess:
+def start_floor_worker(s: Stack, task_queue: str, name: str = "floor-worker", *,
+                       max_concurrent_activities: int = 200) -> ManagedProcess:
     proc = ManagedProcess(name, [sys.executable, "-m", "bench.floor", "--address", s.address,
-                                 "--task-queue", task_queue], env=clean_env(), log_dir=s.tmp).start()
+                                 "--task-queue", task_queue,
+                                 f"--max-concurrent-activities={max_concurrent_activities}"],
+                          env=clean_env(), log_dir=s.tmp).start()
     s.children.append(proc)
     return proc
 
@@ -590,21 +610,31 @@ def start_fake_gemini(s: Stack, delay_s: float, name: str = "fake-gemini") -> tu
     raise RuntimeError(f"fake Gemini server did not start:\n{proc.log_tail()}")
 
 
-# Settings-only variants of the project worker, to measure a proposed change without editing
-# the code: name -> (what it changes, settings overrides, bytecode cache on).
-VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "shipped": ("as shipped", {}, False),
-    "ai-same-queue": ("call_ai on the main task queue (eager dispatch)", {"ai_task_queue": "="}, False),
-    "bytecode": ("compiled bytecode cached (.pyc)", {}, True),
-    "no-fsync": ("blob store without fsync", {"blob_fsync": False}, False),
-    "tuned": ("bytecode cached + call_ai on the main queue", {"ai_task_queue": "="}, True),
+@dataclass(frozen=True)
+class Variant:
+    """A way to run the project's worker other than as shipped, to measure a proposed change
+    without editing the code: settings, the bytecode cache, in-memory patches (bench/patched.py)."""
+
+    what: str
+    settings: tuple[tuple[str, Any], ...] = ()
+    bytecode_cache: bool = True
+    patches: tuple[str, ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    "shipped": Variant("as shipped"),
+    "ai-same-queue": Variant("call_ai on the main task queue (eager dispatch)", (("ai_task_queue", "="),)),
+    "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
+    "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
+    "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),
+    "proposed": Variant("the proposed changes (docs/benchmarks.md)", patches=("local-activities",)),
 }
 
 
-def apply_variant(settings: Settings, variant: str) -> tuple[Settings, bool]:
-    _, overrides, bytecode = VARIANTS[variant]
-    update = {k: (settings.task_queue if v == "=" else v) for k, v in overrides.items()}
-    return (settings.model_copy(update=update) if update else settings), bytecode
+def apply_variant(settings: Settings, variant: str) -> tuple[Settings, Variant]:
+    v = VARIANTS[variant]
+    update = {k: (settings.task_queue if value == "=" else value) for k, value in v.settings}
+    return (settings.model_copy(update=update) if update else settings), v
 
 
 def provider_settings(s: Stack, provider: str, delay_s: float, **overrides: Any) -> tuple[Settings, ManagedProcess | None]:

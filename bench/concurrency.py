@@ -21,24 +21,32 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from pathlib import Path
 
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
     PROVIDERS,
+    RESULTS_DIR,
+    VARIANTS,
     ImageServer,
     Sampler,
+    apply_variant,
     closed_workflows,
     console,
     count,
+    history_profile,
     make_users,
     parser,
     prepare_database,
+    print_profile,
     print_table,
     provider_settings,
     run_main,
+    sample_histories,
     small_jpeg,
     stack,
+    start_floor_worker,
     start_many,
     start_project_worker,
     summary,
@@ -46,6 +54,7 @@ from bench.common import (
     wait_for_pollers,
     write_result,
 )
+from bench.floor import FloorWaitWorkflow, WaitInput
 from starter.service import build_request, start_generation
 
 NAME = "concurrency"
@@ -54,103 +63,189 @@ GOAL_RSS_MB = 1024.0
 IDLE_CPU_CORES = 0.10  # "near idle": a tenth of one core
 
 
-async def bench(args) -> None:
-    started = time.time()
-    n, delay = (20, 5.0) if args.quick else (args.count, args.delay)
+def chart(results: dict, path: Path) -> Path:
+    """In-flight generations and the worker's memory over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = results["timeline"]
+    samples = results["samples"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot([r["t"] for r in timeline], [r["in_flight"] for r in timeline], color="tab:blue",
+            label=f"in flight: {results['label']}")
+    ax.plot([r["t"] for r in timeline], [r["closed"] for r in timeline], color="tab:green", label=f"completed: {results['label']}")
+    for arm, color in ((results.get("floor"), "tab:gray"), *((v, "tab:purple") for v in results.get("variants", []))):
+        if arm:
+            ax.plot([r["t"] for r in arm["timeline"]], [r["in_flight"] for r in arm["timeline"]], color=color,
+                    ls="--", lw=1, label=f"in flight: {arm['label']}")
+    ax.axvline(results["submit_s"], color="gray", ls=":", lw=1)
+    ax.axvline(results["submit_s"] + results["delay_s"], color="gray", ls="--", lw=1)
+    ax.set_xlabel("seconds since the first submit (dotted: all submitted; dashed: + provider delay)")
+    ax.set_ylabel("generations")
+    ax.set_title(f"{results['count']} generations, provider waiting {results['delay_s']:g} s, one worker process")
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot([r["t"] for r in samples if "worker_rss_mb" in r], [r["worker_rss_mb"] for r in samples if "worker_rss_mb" in r],
+             color="tab:red", alpha=0.6, label="worker RSS (MB)")
+    ax2.set_ylabel("worker RSS (MB)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+async def run_arm(s, label: str, n: int, delay: float, grace: float, task_queue: str, procs: dict,
+                  start_one) -> dict:
+    """Submit n workflows at once with `start_one(i)`, follow them to the end, measure."""
     timeline: list[dict] = []
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
-        settings, fake = provider_settings(s, args.provider, delay)
-        await prepare_database(settings)
-        engine = create_engine(settings.database_url)
-        cost = settings.cost_of("photography")
-        users = await make_users(engine, 20, cost * n)
-        await engine.dispose()
-        with ImageServer() as images:
-            urls = [images.add(f"/c/{i}.jpg", small_jpeg(i)) for i in range(n)]
-            proc = start_project_worker(s, settings)
-            await wait_for_pollers(s.client, [(settings.task_queue, "workflow"), (settings.task_queue, "activity"),
-                                              (settings.ai_task_queue, "activity")], proc)
-            procs = {"worker": proc.ps, "server": s.server}
-            if fake is not None:
-                procs["provider"] = fake.ps
-            console.print(f"[bold]{n} generations[/bold], provider {args.provider} waiting {delay:g} s each")
-            with Sampler(procs, interval=1.0) as sampler:
-                t0 = time.perf_counter()
+    worker = "worker"
+    console.print(f"[bold]{label}[/bold]: {n} in flight, waiting {delay:g} s each")
+    with Sampler(procs, interval=1.0) as sampler:
+        t0 = time.perf_counter()
+        submit = await start_many(n, start_one)
+        submitted_at = sampler.now()
 
-                async def start(i: int):
-                    req = build_request(settings, user_id=users[i % len(users)], kind="photography",
-                                        images=[ImageInput(url=urls[i])], style="studio")
-                    await start_generation(s.client, req, task_queue=settings.task_queue)
+        def on_sample(_t: float, running: int, closed: int) -> None:
+            last = sampler.samples[-1] if sampler.samples else {}
+            timeline.append({"t": round(sampler.now(), 2), "in_flight": running, "closed": closed,
+                             "worker_rss_mb": last.get(f"{worker}_rss_mb")})
 
-                submit = await start_many(n, start)
-                submitted_at = sampler.now()
-
-                def on_sample(_t: float, running: int, closed: int) -> None:
-                    last = sampler.samples[-1] if sampler.samples else {}
-                    timeline.append({"t": round(sampler.now(), 2), "in_flight": running, "closed": closed,
-                                     "worker_rss_mb": last.get("worker_rss_mb")})
-
-                finished = await wait_closed(s.client, settings.task_queue, n, timeout=delay + args.grace,
-                                             interval=1.0, on_sample=on_sample)
-                wall = time.perf_counter() - t0
-            closed = await closed_workflows(s.client, settings.task_queue)
-            completed = await count(s.client, f"TaskQueue='{settings.task_queue}' AND GenerationStatus='completed'")
-            proc.stop()
-
+        finished = await wait_closed(s.client, task_queue, n, timeout=delay + grace, interval=1.0,
+                                     on_sample=on_sample)
+        wall = time.perf_counter() - t0
+    closed = await closed_workflows(s.client, task_queue)
+    profile = history_profile(await sample_histories(s.client, [c.workflow_id for c in closed]))
     # The quiet stretch: everything submitted and past its first steps, nothing finished yet.
     first_close = next((row["t"] for row in timeline if row["closed"] > 0), math.nan)
     wait_from, wait_to = submitted_at + 10.0, first_close - 3.0
-    if not wait_to - wait_from >= 5.0:  # a short delay (quick mode): the middle of the run
+    if not wait_to - wait_from >= 5.0:  # a short delay (quick mode) or a slow start: the middle of the run
         wait_from, wait_to = submitted_at, max(submitted_at + 1.0, first_close - 0.5)
     seconds = [c.seconds for c in closed if c.close is not None]
     slowest = max(seconds) if seconds else math.nan
-    peak_rss = sampler.peak("worker")
-    waiting_cpu = {name: round(sampler.cpu_between(name, wait_from, wait_to), 3) for name in procs}
-    results = {
+    return {
+        "label": label,
         "count": n,
         "delay_s": delay,
-        "provider": args.provider,
         "finished_in_time": finished,
         "closed": len(seconds),
-        "completed": completed,
         "submit_s": round(submitted_at, 2),
         "submit_ms": summary(submit, 1000),
         "wall_s": round(wall, 2),
         "generation_s": summary(seconds),
         "slowest_s": round(slowest, 2),
         "slowest_minus_delay_s": round(slowest - delay, 2),
-        "worker_peak_rss_mb": peak_rss,
+        "worker_peak_rss_mb": sampler.peak(worker),
         "server_peak_rss_mb": sampler.peak("server"),
         "waiting_window_s": [round(wait_from, 1), round(wait_to, 1)],
-        "waiting_cpu_cores": waiting_cpu,
-        "worker_cpu_s_total": round(sampler.cpu_total("worker"), 2),
+        "waiting_cpu_cores": {name: round(sampler.cpu_between(name, wait_from, wait_to), 3) for name in procs},
+        "worker_cpu_s_total": round(sampler.cpu_total(worker), 2),
         "server_cpu_s_total": round(sampler.cpu_total("server"), 2),
+        "profile": profile,
         "timeline": timeline,
         "samples": sampler.samples,
     }
-    results["goals_met"] = {
-        "slowest": bool(finished and slowest <= delay + GOAL_EXTRA_S),
-        "worker_rss": bool(peak_rss < GOAL_RSS_MB),
-        "idle_while_waiting": bool(waiting_cpu.get("worker", math.nan) <= IDLE_CPU_CORES),
+
+
+async def floor_arm(s, n: int, delay: float, grace: float) -> dict:
+    tq = f"floor-wait-{uuid.uuid4().hex[:8]}"
+    proc = start_floor_worker(s, tq, max_concurrent_activities=max(n, 200))
+    await wait_for_pollers(s.client, [(tq, "workflow"), (tq, "activity")], proc)
+
+    async def start(i: int):
+        wf_id = f"floor-wait-{i}-{uuid.uuid4().hex[:8]}"
+        await s.client.start_workflow(FloorWaitWorkflow.run, WaitInput(task_id=wf_id, seconds=delay), id=wf_id,
+                                      task_queue=tq)
+
+    arm = await run_arm(s, "floor: bare workflows of one waiting activity", n, delay, grace, tq,
+                        {"worker": proc.ps, "server": s.server}, start)
+    proc.stop()
+    return arm
+
+
+async def generation_arm(s, provider: str, n: int, delay: float, grace: float, variant: str) -> dict:
+    settings, fake = provider_settings(s, provider, delay)
+    settings, v = apply_variant(settings, variant)
+    await prepare_database(settings)
+    engine = create_engine(settings.database_url)
+    users = await make_users(engine, 20, settings.cost_of("photography") * n)
+    await engine.dispose()
+    with ImageServer() as images:
+        prefix = uuid.uuid4().hex[:6]
+        urls = [images.add(f"/{prefix}/{i}.jpg", small_jpeg(i)) for i in range(n)]
+        proc = start_project_worker(s, settings, bytecode_cache=v.bytecode_cache, patches=v.patches)
+        await wait_for_pollers(s.client, [(settings.task_queue, "workflow"), (settings.task_queue, "activity"),
+                                          (settings.ai_task_queue, "activity")], proc)
+        procs = {"worker": proc.ps, "server": s.server}
+        if fake is not None:
+            procs["provider"] = fake.ps
+
+        async def start(i: int):
+            req = build_request(settings, user_id=users[i % len(users)], kind="photography",
+                                images=[ImageInput(url=urls[i])], style="studio")
+            await start_generation(s.client, req, task_queue=settings.task_queue)
+
+        label = f"generations ({provider})" + ("" if variant == "shipped" else f", {variant}")
+        arm = await run_arm(s, label, n, delay, grace, settings.task_queue, procs, start)
+        arm["completed"] = await count(s.client, f"TaskQueue='{settings.task_queue}' AND GenerationStatus='completed'")
+        arm["provider"], arm["variant"] = provider, variant
+        proc.stop()
+    if fake is not None:
+        fake.stop()
+    return arm
+
+
+def _goals(arm: dict) -> dict:
+    return {
+        "slowest": bool(arm["finished_in_time"] and arm["slowest_s"] <= arm["delay_s"] + GOAL_EXTRA_S),
+        "worker_rss": bool(arm["worker_peak_rss_mb"] < GOAL_RSS_MB),
+        "idle_while_waiting": bool(arm["waiting_cpu_cores"].get("worker", math.nan) <= IDLE_CPU_CORES),
     }
-    print_table(
-        f"Concurrency: {n} generations in flight, provider {args.provider} waiting {delay:g} s, one worker process",
-        ["measure", "value", "goal"],
-        [
-            ["submitted in (s)", results["submit_s"], ""],
-            ["completed", f"{completed}/{n}", f"{n}"],
-            ["generation time p50 (s)", results["generation_s"].get("p50"), ""],
-            ["slowest generation (s)", results["slowest_s"], f"<= {delay + GOAL_EXTRA_S:g}"],
-            ["first submit to last close (s)", results["wall_s"], ""],
-            ["worker peak RSS (MB)", peak_rss, f"< {GOAL_RSS_MB:g}"],
-            ["worker CPU while waiting (cores)", waiting_cpu.get("worker"), f"<= {IDLE_CPU_CORES}"],
-            ["server CPU while waiting (cores)", waiting_cpu.get("server"), ""],
-            *([["provider CPU while waiting (cores)", waiting_cpu.get("provider"), ""]] if "provider" in waiting_cpu
-              else []),
-        ],
-        caption=f"waiting window {results['waiting_window_s']} s after the first submit; goals: "
-                + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in results["goals_met"].items()),
-    )
+
+
+async def bench(args) -> None:
+    started = time.time()
+    n, delay = (20, 5.0) if args.quick else (args.count, args.delay)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+        floor = await floor_arm(s, n, delay, args.grace) if args.floor else None
+        main_arm = await generation_arm(s, args.provider, n, delay, args.grace, "shipped")
+        others = [await generation_arm(s, args.provider, n, delay, args.grace, v) for v in variants]
+
+    results = dict(main_arm)
+    results["provider"] = args.provider
+    results["goals_met"] = _goals(main_arm)
+    results["floor"] = floor
+    results["variants"] = others
+    for arm in others:
+        arm["goals_met"] = _goals(arm)
+    arms = [a for a in (floor, main_arm, *others) if a is not None]
+    rows = []
+    for label, key, goal in (
+        ("submitted in (s)", "submit_s", ""),
+        ("closed", "closed", f"{n}"),
+        ("time each p50 (s)", ("generation_s", "p50"), ""),
+        ("slowest (s)", "slowest_s", f"<= {delay + GOAL_EXTRA_S:g}"),
+        ("first submit to last close (s)", "wall_s", ""),
+        ("worker peak RSS (MB)", "worker_peak_rss_mb", f"< {GOAL_RSS_MB:g}"),
+        ("worker CPU while waiting (cores)", ("waiting_cpu_cores", "worker"), f"<= {IDLE_CPU_CORES}"),
+        ("server CPU while waiting (cores)", ("waiting_cpu_cores", "server"), ""),
+        ("worker CPU in all (s)", "worker_cpu_s_total", ""),
+        ("server CPU in all (s)", "server_cpu_s_total", ""),
+    ):
+        values = [arm[key[0]].get(key[1]) if isinstance(key, tuple) else arm.get(key) for arm in arms]
+        rows.append([label, *values, goal])
+    print_table(f"Concurrency: {n} in flight, provider waiting {delay:g} s, one worker process",
+                ["measure", *[a["label"] for a in arms], "goal"], rows,
+                caption="goals (generations as shipped): " + ", ".join(
+                    f"{k} {'met' if v else 'missed'}" for k, v in results["goals_met"].items()))
+    print_profile("where a generation's time goes (mean of sampled histories)", main_arm["profile"])
+    results["chart"] = str(chart(results, args.chart))
     write_result(NAME, args, results, goals={"slowest_max_s": delay + GOAL_EXTRA_S, "worker_rss_max_mb": GOAL_RSS_MB,
                                              "waiting_worker_cpu_max_cores": IDLE_CPU_CORES}, started=started)
 
@@ -160,6 +255,11 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1000, help="generations in flight")
     p.add_argument("--delay", type=float, default=60.0, help="seconds the provider takes to answer")
     p.add_argument("--provider", choices=PROVIDERS, default="fake-gemini")
+    p.add_argument("--chart", type=Path, default=RESULTS_DIR / "concurrency.png", help="in-flight-over-time chart")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor (bare workflows of one activity waiting as long)")
+    p.add_argument("--variants", default="", help="also run generations with these worker variants "
+                   f"(comma-separated, from: {', '.join(k for k in VARIANTS if k != 'shipped')})")
     p.add_argument("--grace", type=float, default=120.0, help="seconds past the delay before giving up")
     args = p.parse_args()
     run_main(lambda: bench(args))

@@ -43,6 +43,29 @@ async def noop(req: StepInput) -> StepOutput:
     return StepOutput(step=req.step)
 
 
+@dataclass
+class WaitInput:
+    task_id: str = ""
+    seconds: float = 60.0
+
+
+@activity.defn(name="bench_wait")
+async def wait(req: WaitInput) -> StepOutput:
+    """A slow call that costs nothing: the floor of the concurrency benchmark."""
+    await asyncio.sleep(req.seconds)
+    return StepOutput(step=1)
+
+
+@workflow.defn(name="BenchFloorWaitWorkflow")
+class FloorWaitWorkflow:
+    """One activity that waits: 1,000 of these in flight is the concurrency floor."""
+
+    @workflow.run
+    async def run(self, req: WaitInput) -> int:
+        out = await workflow.execute_activity(wait, req, start_to_close_timeout=timedelta(seconds=req.seconds + 300))
+        return out.step
+
+
 @workflow.defn(name="BenchFloorWorkflow")
 class FloorWorkflow:
     @workflow.run
@@ -62,7 +85,7 @@ def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: 
                  max_concurrent_workflow_tasks: int = 200, max_cached_workflows: int = 2000) -> Worker:
     """The same options build_workers gives the project's main worker (settings defaults)."""
     return Worker(
-        client, task_queue=task_queue, workflows=[FloorWorkflow], activities=[noop],
+        client, task_queue=task_queue, workflows=[FloorWorkflow, FloorWaitWorkflow], activities=[noop, wait],
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         max_cached_workflows=max_cached_workflows,
@@ -72,13 +95,13 @@ def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: 
     )
 
 
-async def _serve(address: str, task_queue: str) -> None:
+async def _serve(address: str, task_queue: str, max_concurrent_activities: int) -> None:
     client = await Client.connect(address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with floor_worker(client, task_queue):
+    async with floor_worker(client, task_queue, max_concurrent_activities=max_concurrent_activities):
         print("floor worker up", flush=True)
         await stop.wait()
 
@@ -87,8 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the bare-Temporal floor worker (used by the benchmarks).")
     parser.add_argument("--address", default="127.0.0.1:7233")
     parser.add_argument("--task-queue", required=True)
+    parser.add_argument("--max-concurrent-activities", type=int, default=200)
     args = parser.parse_args()
-    asyncio.run(_serve(args.address, args.task_queue))
+    asyncio.run(_serve(args.address, args.task_queue, args.max_concurrent_activities))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ async def bench(args) -> None:
         s.children.append(api)
         base = f"http://127.0.0.1:{port}"
         await wait_healthy(base, api)
+        if args.py_spy is not None:
+            args.py_spy.mkdir(parents=True, exist_ok=True)
+            api.profile(args.py_spy / "submit-api.txt")
         limits = httpx.Limits(max_connections=max(levels + [int(rate)]) * 2, max_keepalive_connections=400)
         counter = 0
 
@@ -213,6 +216,9 @@ async def bench(args) -> None:
                 order = ("bare", "api") if i % 2 == 0 else ("api", "bare")
                 row: dict = {"concurrency": c}
                 for arm in order:
+                    if args.only == "api" and arm == "bare":
+                        row[arm] = {"rps": float("nan"), "latency_ms": {"p50": float("nan"), "p99": float("nan")}}
+                        continue
                     row[arm] = await closed_loop(api_call if arm == "api" else bare_call, c, duration, warmup)
                 row["p50_ratio"] = ratio(row["api"]["latency_ms"]["p50"], row["bare"]["latency_ms"]["p50"])
                 row["p99_ratio"] = ratio(row["api"]["latency_ms"]["p99"], row["bare"]["latency_ms"]["p99"])
@@ -268,6 +274,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
     p.add_argument("--open-seconds", type=float, default=10.0, help="open-loop duration")
     p.add_argument("--users", type=int, default=20, help="distinct users (API keys) sending")
+    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                   help="profile the API process with py-spy (must be installed); collapsed stacks into DIR")
+    p.add_argument("--only", choices=["both", "api"], default="both", help="api: skip the bare arm (profiling)")
     p.add_argument("--chart", type=Path, default=RESULTS_DIR / "submit.png", help="latency-against-concurrency chart")
     args = p.parse_args()
     run_main(lambda: bench(args))

@@ -1,0 +1,57 @@
+"""Run the project's worker with a proposed change applied in memory, to measure the change
+before anyone makes it. Benchmarks only: nothing here is imported by the product.
+
+    python -m bench.patched --patch local-activities worker
+
+Patches (each mirrors a diff proposed in docs/benchmarks.md):
+
+* local-activities: GenerationWorkflow's quick database steps (charge_credits,
+  select_model, save_work, refund_credits) run as local activities: same timeouts, retry
+  policies and summaries, but no task dispatch, no server round trip and three history
+  events fewer each; the workflow continues in the same workflow task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LOCAL_ACTIVITY_NAMES = frozenset({"charge_credits", "select_model", "save_work", "refund_credits"})
+# Options of execute_activity_method that local activities do not take.
+_NOT_LOCAL = ("task_queue", "heartbeat_timeout", "versioning_intent", "priority")
+
+
+def local_activities() -> None:
+    from temporalio import workflow
+
+    original = workflow.execute_activity_method
+
+    def execute_activity_method(activity, *args, **kwargs):
+        if getattr(activity, "__name__", "") in LOCAL_ACTIVITY_NAMES:
+            for option in _NOT_LOCAL:
+                kwargs.pop(option, None)
+            return workflow.execute_local_activity_method(activity, *args, **kwargs)
+        return original(activity, *args, **kwargs)
+
+    workflow.execute_activity_method = execute_activity_method
+
+
+PATCHES = {"local-activities": local_activities}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.patched", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES))
+    parser.add_argument("program", choices=["worker"])
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    for name in args.patch:
+        PATCHES[name]()
+    import worker
+
+    sys.argv = ["worker.py", *args.rest]
+    worker.main()
+
+
+if __name__ == "__main__":
+    main()
