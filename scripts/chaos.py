@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.chaos.report import render_table  # noqa: E402
+from tests.chaos.report import render_markdown, render_table  # noqa: E402
 from tests.chaos.runner import ChaosConfig, run_chaos  # noqa: E402
 
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (it is always kept on a violation)")
     parser.add_argument("--json", type=Path, default=ROOT / "var" / "chaos-report.json",
                         help="where to write the report (default: var/chaos-report.json)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the docs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     print(render_table(report))
+    if args.markdown:
+        print("\n" + render_markdown(report))
     print(f"\nreport: {args.json}")
     return 1 if report.violations else 0
 

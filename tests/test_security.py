@@ -99,6 +99,7 @@ class Sec:
     logs: Records
     secrets: dict[str, str]
     answers: list[tuple[str, str, int, str, str]]  # method, path, status, headers, body
+    app: object = None
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,8 @@ async def sec(temporal_env, tmp_path_factory):
             timeout=30.0, event_hooks={"response": [keep]}))
         world = World(settings=settings, client=temporal_env.client, engine=deps.engine, blobs=deps.blobs,
                       http=http, api=None, logs=root)
-        yield Sec(world, Harness(temporal_env.client, settings, deps), fake, receiver, images, logs, found, answers)
+        yield Sec(world, Harness(temporal_env.client, settings, deps), fake, receiver, images, logs, found, answers,
+                  app)
 
 
 async def _start(world: World, user: User, body: dict) -> str:
@@ -176,7 +178,7 @@ async def test_a_second_users_key_never_reaches_the_first_users_things(sec: Sec)
                   ("POST", "/v1/admin/users/{user_id}/credits"): {"amount": 5}}
         alices = [alice.user_id, done_id, running_id, work_id, output_key, upload_key, file_id, marker]
         walked = set()
-        app = world.http._transport.app  # the app under test, for its schema
+        app = sec.app
         for method, template in sorted(_schema_routes(app)):
             names = re.findall(r"{(\w+)}", template)
             assert all(n in params for n in names), f"no value of Alice's for {names} in {template}: add one"
@@ -318,19 +320,23 @@ async def test_input_urls_are_fetched_only_by_the_download_activity(sec: Sec):
     assert not [r for r in ai_requests if images.base_url in str(r.json)]
 
 
-async def test_every_fetch_of_a_user_url_goes_through_the_one_guard(sec: Sec):
+async def test_every_fetch_of_a_user_url_goes_through_the_one_guard(sec: Sec, monkeypatch):
     """The worker builds one UrlGuard; the downloader and the webhook sender both hold it, and
     the API holds no HTTP client that could fetch a URL."""
+    import worker as worker_module
+
     deps = sec.harness.deps
+    # What build_workers registers, read from the arguments it gives each Worker.
+    monkeypatch.setattr(worker_module, "Worker", lambda client, **options: options)
     workers = build_workers(sec.world.client, deps)
-    owners = [fn.__self__ for w in workers for fn in w._config["activities"] if hasattr(fn, "__self__")]
+    owners = [fn.__self__ for w in workers for fn in w["activities"] if hasattr(fn, "__self__")]
     downloads = [o for o in owners if isinstance(o, ImageActivities)]
     webhooks = [o for o in owners if isinstance(o, NotifyActivities)]
     assert len(downloads) == 1 and len(webhooks) == 1
     assert downloads[0].downloader.guard is deps.guard
     assert webhooks[0].guard is deps.guard
     assert deps.guard.allow_private is sec.world.settings.allow_private_urls
-    app_state = vars(sec.world.http._transport.app.state.atelier)
+    app_state = vars(sec.app.state.atelier)
     assert not [k for k, v in app_state.items() if isinstance(v, (httpx.AsyncClient, httpx.Client))]
 
 
