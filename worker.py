@@ -14,7 +14,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from datetime import timedelta
 from dataclasses import dataclass
 
@@ -96,7 +98,7 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
         ImageActivities(deps.engine, deps.blobs, deps.downloader, max_side=s.max_image_side,
                         max_pixels=s.max_image_pixels).download_and_convert,
         WorkActivities(deps.engine).save_work,
-        NotifyActivities(deps.http, deps.guard,
+        NotifyActivities(deps.downloader,
                          secret=s.webhook_secret.get_secret_value() if s.webhook_secret else None,
                          base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}").notify,
     ]
@@ -128,8 +130,22 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     return workers
 
 
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+async def connect(settings: Settings, *, patience_s: float = 120.0) -> Client:
+    """Connect to Temporal, waiting for it (with backoff) if it is not up yet: a worker started
+    while the server restarts should wait for it, not die."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    delay = 0.5
+    while True:
+        try:
+            return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+        except RuntimeError as err:  # the SDK's "Failed client connect"
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("Temporal at %s not reachable (%s); retrying in %.1f s",
+                        settings.temporal_address, str(err).splitlines()[0][:120], delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 async def run(only: str) -> None:
@@ -160,6 +176,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(run(args.only))
+    # Everything is closed; skip interpreter teardown, where the Temporal SDK can abort
+    # (PyGILState_Release) and turn a clean stop into exit code 134.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-import httpx
 from standardwebhooks.webhooks import Webhook
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import to_application_error
-from atelier.downloader import UrlGuard
-from atelier.errors import AtelierError
+from atelier.downloader import Downloader
+from atelier.errors import AtelierError, UrlRefused
 from atelier.messages import NotifyRequest, NotifyResult, Stage
 from atelier.representation import GenerationView, generation_object
-
-WEBHOOK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 def render_body(req: NotifyRequest, base_url: str) -> str:
@@ -33,9 +30,9 @@ def render_body(req: NotifyRequest, base_url: str) -> str:
 
 
 class NotifyActivities:
-    def __init__(self, client: httpx.AsyncClient, guard: UrlGuard, *, secret: str | None, base_url: str) -> None:
-        self.client = client
-        self.guard = guard
+    def __init__(self, sender: Downloader, *, secret: str | None, base_url: str) -> None:
+        # The guarded downloader sends webhooks too: same URL guard, pinned to the checked address.
+        self.sender = sender
         self.signer = Webhook(secret) if secret else None
         self.base_url = base_url
 
@@ -44,10 +41,6 @@ class NotifyActivities:
         if self.signer is None:
             raise ApplicationError("ATELIER_WEBHOOK_SECRET is not set on the worker: webhooks cannot be signed",
                                    type="WebhookNotConfigured", non_retryable=True)
-        try:
-            await self.guard.check(req.url)
-        except AtelierError as err:
-            raise to_application_error(err) from None
         body = render_body(req, self.base_url)
         msg_id = f"msg_{req.task_id}"  # the same id on every retry: receivers deduplicate on it
         now = datetime.now(timezone.utc)
@@ -60,10 +53,11 @@ class NotifyActivities:
         }
         attempt = activity.info().attempt
         try:
-            response = await self.client.post(req.url, content=body.encode(), headers=headers,
-                                              timeout=WEBHOOK_TIMEOUT, follow_redirects=False)
-        except httpx.HTTPError as err:
-            raise ApplicationError(f"webhook delivery failed: {type(err).__name__}", type="WebhookFailed") from None
-        if not 200 <= response.status_code < 300:
-            raise ApplicationError(f"webhook receiver answered {response.status_code}", type="WebhookFailed")
-        return NotifyResult(status_code=response.status_code, attempts=attempt)
+            status = await self.sender.post(req.url, content=body.encode(), headers=headers)
+        except UrlRefused as err:
+            raise to_application_error(err) from None
+        except AtelierError as err:
+            raise ApplicationError(f"webhook delivery failed: {err.message}", type="WebhookFailed") from None
+        if not 200 <= status < 300:
+            raise ApplicationError(f"webhook receiver answered {status}", type="WebhookFailed")
+        return NotifyResult(status_code=status, attempts=attempt)

@@ -359,5 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Console-script entry: exit without interpreter teardown, where the Temporal SDK can
+    abort (PyGILState_Release) after a command that used a Temporal client."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -334,7 +334,7 @@ async def test_every_fetch_of_a_user_url_goes_through_the_one_guard(sec: Sec, mo
     webhooks = [o for o in owners if isinstance(o, NotifyActivities)]
     assert len(downloads) == 1 and len(webhooks) == 1
     assert downloads[0].downloader.guard is deps.guard
-    assert webhooks[0].guard is deps.guard
+    assert webhooks[0].sender is downloads[0].downloader  # one guarded sender for both
     assert deps.guard.allow_private is sec.world.settings.allow_private_urls
     app_state = vars(sec.app.state.atelier)
     assert not [k for k, v in app_state.items() if isinstance(v, (httpx.AsyncClient, httpx.Client))]
