@@ -18,7 +18,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from atelier import works
 from atelier.errors import InvalidRequest
-from atelier.messages import GenerationRequest, GenerationResult, ImageInput, Status
+from atelier.messages import ChargeRequest, ChargeResult, GenerationRequest, GenerationResult, ImageInput, Status
 from starter.service import read_generation, start_generation
 from tests.conftest import wait_for
 from tests.fakes import images as fake_images
@@ -291,3 +291,33 @@ async def test_history_has_no_image_bytes(harness, client):
     history = await handle.fetch_history()
     size = len(history.to_json().encode())
     assert size < 64 * 1024, f"history is {size} bytes"
+
+
+async def test_cancel_while_the_charge_is_in_flight_still_refunds(harness, monkeypatch):
+    """A cancel that lands while the charge is committing: the charge settles first, then the
+    refund finds it. (A refund that ran first would find nothing and the user would pay.)"""
+    from temporalio import activity
+
+    from activities.credits import CreditActivities
+
+    entered = asyncio.Event()
+    real_charge = CreditActivities.charge_credits
+
+    @activity.defn(name="charge_credits")
+    async def slow_charge(self, req: ChargeRequest) -> ChargeResult:
+        entered.set()
+        await asyncio.sleep(2.0)  # the cancel arrives now; the charge then commits regardless
+        return await real_charge(self, req)
+
+    monkeypatch.setattr(CreditActivities, "charge_credits", slow_charge)
+    h = harness
+    user = await h.user(100)
+    async with h.worker():
+        handle = await h.start(user, "photography", await inputs(h, user, 1))
+        await asyncio.wait_for(entered.wait(), timeout=20)
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert isinstance(failure.value.cause, CancelledError)
+    assert await h.ledger(handle.id) == (10, 10)
+    assert await h.balance(user) == 100

@@ -65,17 +65,28 @@ MAX_MODELS = 3
 
 # workflow.patched() ids: each names a change of the commands a workflow issues (see docs/deployment.md).
 PATCH_SAVE_SURVIVES_CANCEL = "save-work-survives-cancel"
+PATCH_CHARGE_SETTLES_BEFORE_CANCEL = "charge-settles-before-cancel"
 
 
-async def _uncancellable(awaitable):
+async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
     """Await to the end even if the workflow is canceled meanwhile (shielded, re-shielded on
-    every further cancel request)."""
+    every further cancel request). With `then_honour_cancel`, a cancel that arrived meanwhile
+    is raised once the awaitable has finished."""
     task = asyncio.ensure_future(awaitable)
+    canceled = False
     while True:
         try:
-            return await asyncio.shield(task)
+            result = await asyncio.shield(task)
+            break
         except asyncio.CancelledError:
-            continue
+            if task.done() and not task.cancelled() and task.exception() is None:
+                result = task.result()
+                canceled = True
+                break
+            canceled = True
+    if canceled and then_honour_cancel:
+        raise asyncio.CancelledError()
+    return result
 
 
 class _Rejected(Exception):
@@ -187,14 +198,20 @@ class GenerationWorkflow:
             raise _Rejected(err.code, err.message) from None
 
         self._stage(Stage.CHARGING)
+        charging = workflow.execute_activity_method(
+            CreditActivities.charge_credits,
+            ChargeRequest(task_id=req.task_id, user_id=req.user_id, amount=req.cost, reason=f"{req.kind} generation"),
+            start_to_close_timeout=seconds(t.short_start_to_close_s),
+            retry_policy=policies.SHORT_RETRY,
+            summary=f"Charge {req.cost} credits",
+        )
         try:
-            charge = await workflow.execute_activity_method(
-                CreditActivities.charge_credits,
-                ChargeRequest(task_id=req.task_id, user_id=req.user_id, amount=req.cost, reason=f"{req.kind} generation"),
-                start_to_close_timeout=seconds(t.short_start_to_close_s),
-                retry_policy=policies.SHORT_RETRY,
-                summary=f"Charge {req.cost} credits",
-            )
+            if workflow.patched(PATCH_CHARGE_SETTLES_BEFORE_CANCEL):
+                # Let a charge in flight settle before a cancel is acted on: a refund that ran
+                # while the charge was still committing would find nothing to give back.
+                charge = await _uncancellable(charging, then_honour_cancel=True)
+            else:
+                charge = await charging
         except ActivityError as err:
             code = _error_code(err)
             if code in (ErrorCode.INSUFFICIENT_CREDITS.value, ErrorCode.UNKNOWN_USER.value):
