@@ -2,9 +2,10 @@
 
 The API runs as it ships (`python -m starter.api`: uvicorn, one process) on loopback,
 against the same dev server and a SQLite app database; no worker runs (the API never
-waits on the work, so the workflows just queue). The client is httpx with keep-alive,
+waits on the work, so the workflows just queue). The client is a minimal keep-alive HTTP/1.1
+client (httpx's pool costs more CPU than the API at 50 clients on these two shared cores),
 authenticating as users with enough credits; every request starts a new generation of one
-image URL. The baseline, in this process, calls `client.start_workflow` exactly as the
+image URL. A third arm, GET /healthz, is the HTTP stack alone. The baseline, in this process, calls `client.start_workflow` exactly as the
 API's start does (starter.service.start_generation: same request, search attributes and
 summary), at the same concurrency.
 
@@ -20,11 +21,13 @@ clients p50 and p99 within 1.2x bare; requests per second at saturation >= 0.8x 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from atelier import credits, users
 from atelier.db import create_engine
@@ -54,14 +57,83 @@ IMAGE_URL = "http://127.0.0.1:9/photo.jpg"  # never fetched: no worker runs
 BODY = {"kind": "photography", "images": [{"url": IMAGE_URL}], "style": "studio"}
 
 
+class _Closed(Exception):
+    """The server closed a kept-alive connection before answering."""
+
+
+class RawHttpPool:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, for loopback load only.
+
+    httpx is a fine client but not a load generator: its connection pool costs ~15 ms of CPU
+    per request at 50 concurrent requests (measured here), on the same two cores as the API,
+    which made the benchmark measure itself. This one parses only what uvicorn sends back
+    (status line, Content-Length body) and costs a fraction of a millisecond."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> int:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        while self._idle:  # a kept-alive connection the server may have closed meanwhile
+            conn = self._idle.pop()
+            try:
+                return await self._exchange(conn, message)
+            except (ConnectionError, asyncio.IncompleteReadError, _Closed):
+                conn[1].close()
+        return await self._exchange(await asyncio.open_connection(self.host, self.port), message)
+
+    async def _exchange(self, conn, message: bytes) -> int:
+        reader, writer = conn
+        writer.write(message)
+        try:
+            status_line = await reader.readline()
+            if not status_line:
+                raise _Closed()
+            status = int(status_line.split(b" ", 2)[1])
+            length, keep = 0, True
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    keep = False
+            await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if keep:
+            self._idle.append(conn)
+        else:
+            writer.close()
+        return status
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-async def closed_loop(call, concurrency: int, duration: float, warmup: float) -> dict:
-    """C clients in a loop for `warmup` + `duration` s; only the last `duration` s count."""
+def _cpu(proc) -> float:
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except Exception:  # noqa: BLE001 - a process gone: no figure
+        return float("nan")
+
+
+async def closed_loop(call, concurrency: int, duration: float, warmup: float, procs: dict | None = None) -> dict:
+    """C clients in a loop for `warmup` + `duration` s; only the last `duration` s count.
+    `procs`: name -> psutil.Process whose CPU per request is reported."""
     loop = asyncio.get_running_loop()
     t_start = loop.time()
     t_measure, t_stop = t_start + warmup, t_start + warmup + duration
@@ -79,10 +151,21 @@ async def closed_loop(call, concurrency: int, duration: float, warmup: float) ->
                 else:
                     errors += 1
 
+    cpu_at_measure: dict = {}
+
+    async def mark() -> None:
+        await asyncio.sleep(max(0.0, t_measure - loop.time()))
+        cpu_at_measure.update({name: _cpu(p) for name, p in (procs or {}).items()})
+
+    marker = asyncio.ensure_future(mark())
     await asyncio.gather(*(client() for _ in range(concurrency)))
+    await marker
+    cpu_ms = {name: round((_cpu(p) - cpu_at_measure[name]) / max(1, len(latencies)) * 1000, 2)
+              for name, p in (procs or {}).items()}
     elapsed = max(loop.time(), t_stop) - t_measure
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "rps": round(len(latencies) / elapsed, 1), "latency_ms": summary(latencies, 1000)}
+            "rps": round(len(latencies) / elapsed, 1), "latency_ms": summary(latencies, 1000),
+            "cpu_ms_per_request": cpu_ms}
 
 
 async def open_loop(call, rate: float, duration: float) -> dict:
@@ -178,7 +261,8 @@ async def bench(args) -> None:
             user_ids.append(new.user_id)
         await engine.dispose()
         env = settings_env(settings, ATELIER_API_HOST="127.0.0.1", ATELIER_API_PORT=str(port),
-                           ATELIER_ADMIN_TOKEN="bench-admin-token")
+                           ATELIER_ADMIN_TOKEN="bench-admin-token",
+                           **dict(kv.split("=", 1) for kv in args.api_env))
         api = ManagedProcess("api", [__import__("sys").executable, "-m", "starter.api"], env=env,
                              log_dir=s.tmp).start()
         s.children.append(api)
@@ -187,17 +271,20 @@ async def bench(args) -> None:
         if args.py_spy is not None:
             args.py_spy.mkdir(parents=True, exist_ok=True)
             api.profile(args.py_spy / "submit-api.txt")
-        limits = httpx.Limits(max_connections=max(levels + [int(rate)]) * 2, max_keepalive_connections=400)
         counter = 0
-
-        async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits, trust_env=False) as http:
+        http = RawHttpPool("127.0.0.1", port)
+        body = json.dumps(BODY).encode()
+        try:
 
             async def api_call() -> bool:
                 nonlocal counter
                 counter += 1
-                r = await http.post("/v1/generations", json=BODY,
-                                    headers={"Authorization": f"Bearer {keys[counter % len(keys)]}"})
-                return r.status_code == 202
+                status = await http.request("POST", "/v1/generations", body, {
+                    "Authorization": f"Bearer {keys[counter % len(keys)]}", "Content-Type": "application/json"})
+                return status == 202
+
+            async def healthz_call() -> bool:
+                return await http.request("GET", "/healthz") == 200
 
             async def bare_call() -> bool:
                 nonlocal counter
@@ -209,17 +296,22 @@ async def bench(args) -> None:
 
             if not await api_call():
                 raise RuntimeError(f"the API refused the benchmark's request:\n{api.log_tail()}")
+            procs = {"api": api.ps, "server": s.server, "bench": psutil.Process()}
+            arms = {"api": api_call, "bare": bare_call, "healthz": healthz_call}
             closed = []
             for i, c in enumerate(levels):
                 console.print(f"closed loop, {c} client(s)")
                 # Alternate which arm goes first, so a drifting load hits both alike.
-                order = ("bare", "api") if i % 2 == 0 else ("api", "bare")
+                order = ("bare", "api", "healthz") if i % 2 == 0 else ("api", "bare", "healthz")
                 row: dict = {"concurrency": c}
                 for arm in order:
-                    if args.only == "api" and arm == "bare":
-                        row[arm] = {"rps": float("nan"), "latency_ms": {"p50": float("nan"), "p99": float("nan")}}
+                    if args.only == "api" and arm != "api":
+                        row[arm] = {"rps": float("nan"), "latency_ms": {"p50": float("nan"), "p99": float("nan")},
+                                    "cpu_ms_per_request": {}}
                         continue
-                    row[arm] = await closed_loop(api_call if arm == "api" else bare_call, c, duration, warmup)
+                    # /healthz: the HTTP stack alone (uvicorn, FastAPI, middleware, httpx client), shorter.
+                    row[arm] = await closed_loop(arms[arm], c, duration / (2 if arm == "healthz" else 1), warmup,
+                                                 procs)
                 row["p50_ratio"] = ratio(row["api"]["latency_ms"]["p50"], row["bare"]["latency_ms"]["p50"])
                 row["p99_ratio"] = ratio(row["api"]["latency_ms"]["p99"], row["bare"]["latency_ms"]["p99"])
                 row["rps_ratio"] = ratio(row["api"]["rps"], row["bare"]["rps"])
@@ -227,6 +319,8 @@ async def bench(args) -> None:
             console.print(f"open loop, {rate:g} per second for {open_s:g} s")
             open_bare = await open_loop(bare_call, rate, open_s)
             open_api = await open_loop(api_call, rate, open_s)
+        finally:
+            await http.aclose()
         api.stop()
 
     sat_api = max(r["api"]["rps"] for r in closed)
@@ -248,9 +342,16 @@ async def bench(args) -> None:
     for r in closed:
         rows.append([r["concurrency"], r["bare"]["latency_ms"]["p50"], r["api"]["latency_ms"]["p50"], r["p50_ratio"],
                      r["bare"]["latency_ms"]["p99"], r["api"]["latency_ms"]["p99"], r["p99_ratio"],
-                     r["bare"]["rps"], r["api"]["rps"], r["rps_ratio"]])
+                     r["bare"]["rps"], r["api"]["rps"], r["rps_ratio"], r["healthz"]["latency_ms"].get("p50")])
+    print_table("Submit: where a request's CPU goes (ms per request: API process, Temporal server, this "
+                "benchmark's client)",
+                ["clients", "arm", "API", "server", "client"],
+                [[r["concurrency"], arm, r[arm]["cpu_ms_per_request"].get("api"),
+                  r[arm]["cpu_ms_per_request"].get("server"), r[arm]["cpu_ms_per_request"].get("bench")]
+                 for r in closed for arm in ("bare", "api", "healthz")])
     print_table("Submit: closed loop (ms, requests/s)",
-                ["clients", "bare p50", "API p50", "x", "bare p99", "API p99", "x", "bare req/s", "API req/s", "x"],
+                ["clients", "bare p50", "API p50", "x", "bare p99", "API p99", "x", "bare req/s", "API req/s", "x",
+                 "/healthz p50"],
                 rows, caption=f"goals: p50/p99 <= {GOAL_LATENCY_RATIO}x bare at 1, 10, 50 clients; "
                               f"req/s at saturation >= {GOAL_RPS_RATIO}x bare ({results['saturation_rps']['ratio']}x)")
     print_table(f"Submit: open loop at {rate:g}/s for {open_s:g} s (ms from the scheduled send)",
@@ -277,6 +378,8 @@ def main() -> None:
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="profile the API process with py-spy (must be installed); collapsed stacks into DIR")
     p.add_argument("--only", choices=["both", "api"], default="both", help="api: skip the bare arm (profiling)")
+    p.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the API process (to measure a variant)")
     p.add_argument("--chart", type=Path, default=RESULTS_DIR / "submit.png", help="latency-against-concurrency chart")
     args = p.parse_args()
     run_main(lambda: bench(args))
