@@ -140,6 +140,8 @@ class ChaosReport:
     webhooks_delivered: int = 0
     violations: list[dict] = field(default_factory=list)
     work_dir: str = ""
+    # One line per submission: index, user, kind, task id, how the API answered, how it ended.
+    generations: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -568,6 +570,11 @@ class ChaosRun:
         report.webhooks_asked = sum(1 for s in accepted if s.webhook)
         report.webhooks_delivered = getattr(self, "webhooks_delivered", 0)
         report.violations = [v.to_dict() for v in self.violations]
+        report.generations = [
+            {"index": s.index, "user": s.user, "kind": s.kind, "task_id": s.task_id, "outcome": s.outcome,
+             "status": s.final, "error_code": s.error_code, "cancel_answer": s.cancel_answer, "webhook": s.webhook}
+            for s in self.submissions
+        ]
         if not c.keep_work_dir and not self.violations:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             report.work_dir = ""
