@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import uuid
@@ -105,7 +106,7 @@ class Harness:
     client: Client
     settings: Settings
     deps: Dependencies
-    timeouts: Timeouts = field(default_factory=lambda: FAST_TIMEOUTS)
+    timeouts: Timeouts = field(default_factory=lambda: dataclasses.replace(FAST_TIMEOUTS))  # a test may change its own
 
     @property
     def engine(self):

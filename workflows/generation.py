@@ -13,6 +13,7 @@ import asyncio
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.ai import AiActivities
@@ -98,6 +99,13 @@ class _Rejected(Exception):
         self.message = message
 
 
+# What a timeout of each activity means to the user (a timeout carries no error type of its own).
+TIMEOUT_MEANS = {
+    "call_ai": ErrorCode.PROVIDER_UNAVAILABLE.value,
+    "download_and_convert": ErrorCode.DOWNLOAD_FAILED.value,
+}
+
+
 def _error_code(err: BaseException) -> str:
     """The named reason inside an activity failure (its ApplicationError type)."""
     cause = err.cause if isinstance(err, (ActivityError, ChildWorkflowError)) else err
@@ -105,15 +113,20 @@ def _error_code(err: BaseException) -> str:
         return cause.type
     if isinstance(cause, CancelledError) or isinstance(err, asyncio.CancelledError):
         return ErrorCode.CANCELED.value
+    if isinstance(cause, ActivityTimeout) and isinstance(err, ActivityError):
+        return TIMEOUT_MEANS.get(err.activity_type, ErrorCode.INTERNAL.value)
     if isinstance(err, asyncio.TimeoutError):
         return ErrorCode.DEADLINE_EXCEEDED.value
     return ErrorCode.INTERNAL.value
 
 
 def _error_message(err: BaseException) -> str:
-    cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
     if isinstance(err, asyncio.TimeoutError):
         return "the generation ran past its deadline"
+    cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
+    if isinstance(cause, ActivityTimeout) and isinstance(err, ActivityError):
+        kind = cause.type.name.lower().replace("_", "-") if cause.type else "a"
+        return f"{err.activity_type} hit its {kind} timeout"
     return str(cause) or type(cause).__name__
 
 
