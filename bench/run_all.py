@@ -32,10 +32,10 @@ START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 PLAN: dict[str, list[str]] = {
     "overhead": ["--runs", "30"],
     "throughput": ["--count", "500", "--count-local", "100", "--variants", "proposed"],
-    "concurrency": ["--count", "1000", "--delay", "60", "--chart", str(IMG / "concurrency-in-flight.png")],
+    "concurrency": ["--count", "1000", "--delay", "60", "--chart", "docs/img/concurrency-in-flight.png"],
     "images": ["--runs", "5"],
     "history": [],
-    "submit": ["--concurrency", "1,10,50,200", "--chart", str(IMG / "submit-latency.png")],
+    "submit": ["--concurrency", "1,10,50,200", "--chart", "docs/img/submit-latency.png"],
 }
 
 
@@ -57,6 +57,11 @@ def f(value, digits: int = 1) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:,.{digits}f}"
     return str(value)
+
+
+def x(value) -> str:
+    """A ratio, two decimals."""
+    return f(value, 2)
 
 
 def ok(met) -> str:
@@ -98,9 +103,9 @@ def render_overhead(doc: dict) -> tuple[str, list]:
 def render_throughput(doc: dict) -> tuple[str, list]:
     r = doc["results"]
     arms = [r["floor"], *r["generations"]]
-    rows = [[a["label"], a["closed"], a["overall_per_s"], a.get("ratio_vs_floor", 1.0), a["latency_s"].get("p50"),
-             a["worker_cpu_ms_per_workflow"], a["server_cpu_ms_per_workflow"], a.get("cpu_capacity_ratio_vs_floor", 1.0),
-             a["worker_peak_rss_mb"]] for a in arms]
+    rows = [[a["label"], a["closed"], a["overall_per_s"], x(a.get("ratio_vs_floor", 1.0)), a["latency_s"].get("p50"),
+             a["worker_cpu_ms_per_workflow"], a["server_cpu_ms_per_workflow"],
+             x(a.get("cpu_capacity_ratio_vs_floor", 1.0)), a["worker_peak_rss_mb"]] for a in arms]
     text = ("All submitted at once; completions per second = completed / (last close - first start), from the "
             "server's own times. The floor ran before and after the generations; its figures are the mean of "
             "both. *x floor by CPU*: the floor's worker + server CPU per completion over the arm's, what the "
@@ -146,7 +151,7 @@ def render_images(doc: dict) -> tuple[str, list]:
         for method, m in e["methods"].items():
             rows.append([f"{kind.upper()} {e['width']}x{e['height']} ({e['bytes'] / 1e6:.1f} MB): {method}",
                          m["median_ms"], m["median_download_ms"], m["median_convert_ms"], m["peak_rss_delta_mb"],
-                         f"{m['output'][0]}x{m['output'][1]}", m["speedup_vs_naive"]])
+                         f"{m['output'][0]}x{m['output'][1]}", x(m["speedup_vs_naive"])])
     text = (table(["image: method", "total ms", "download ms", "convert + store ms", "peak RSS + MB", "output",
                    "x naive"], rows)
             + f"\n\nPipeline against naive on the JPEG: **{f(r['speedup_jpeg'], 2)}x** (goal: at least 3x, "
@@ -172,14 +177,19 @@ def render_history(doc: dict) -> tuple[str, list]:
 
 def render_submit(doc: dict) -> tuple[str, list]:
     r = doc["results"]
-    rows = [[c["concurrency"], c["bare"]["latency_ms"]["p50"], c["api"]["latency_ms"]["p50"], c["p50_ratio"],
-             c["bare"]["latency_ms"]["p99"], c["api"]["latency_ms"]["p99"], c["p99_ratio"], c["bare"]["rps"],
-             c["api"]["rps"], c["rps_ratio"]] for c in r["closed_loop"]]
+    rows = [[c["concurrency"], c["bare"]["latency_ms"]["p50"], c["api"]["latency_ms"]["p50"], x(c["p50_ratio"]),
+             c["bare"]["latency_ms"]["p99"], c["api"]["latency_ms"]["p99"], x(c["p99_ratio"]), c["bare"]["rps"],
+             c["api"]["rps"], x(c["rps_ratio"]), c.get("healthz", {}).get("latency_ms", {}).get("p50")]
+            for c in r["closed_loop"]]
+    cpu_rows = [[c["concurrency"], arm, *(c.get(arm, {}).get("cpu_ms_per_request", {}).get(k) for k in ("api", "server", "bench"))]
+                for c in r["closed_loop"] for arm in ("bare", "api", "healthz") if arm in c]
     o = r["open_loop"]
     g = r["goals_met"]
-    text = ("Closed loop (ms and requests per second):\n\n"
-            + table(["clients", "bare p50", "API p50", "x", "bare p99", "API p99", "x", "bare req/s", "API req/s", "x"],
-                    rows)
+    text = ("Closed loop (ms and requests per second; GET /healthz is the HTTP stack alone):\n\n"
+            + table(["clients", "bare p50", "API p50", "x", "bare p99", "API p99", "x", "bare req/s", "API req/s", "x",
+                     "/healthz p50"], rows)
+            + "\n\nCPU per request (ms) of the API process, the Temporal server and the benchmark's own client:\n\n"
+            + table(["clients", "arm", "API", "server", "client"], cpu_rows)
             + f"\n\nOpen loop at {f(o['api']['rate'], 0)} per second (ms from each request's scheduled send): "
               f"API p50 {f(o['api']['latency_ms'].get('p50'))}, **p99 {f(o['api']['latency_ms'].get('p99'))}** "
               f"(bare start_workflow: p50 {f(o['bare']['latency_ms'].get('p50'))}, p99 "
@@ -214,7 +224,7 @@ def render() -> str:
             parts.append(f"### {title}\n\n(quick mode: tiny sizes, figures meaningless)")
         text, summary = fn(doc)
         summaries.extend(summary if isinstance(summary[0], list) else [summary])
-        cmd = " ".join(["python -m", f"bench.{name}", *(a for a in PLAN[name] if not a.startswith(str(ROOT)))])
+        cmd = " ".join(["python -m", f"bench.{name}", *PLAN[name]])
         parts.append(f"### {title}\n\n{text}\n\n<sub>{doc['started_at'][:19].replace('T', ' ')} UTC, "
                      f"{doc['duration_s']:.0f} s, load average {doc['machine']['load_avg_1m']} at start; "
                      f"`{cmd}`</sub>")
