@@ -24,6 +24,10 @@ PNG = "image/png"
 WEBP = "image/webp"
 ACCEPTED = {JPEG: "JPEG", PNG: "PNG", WEBP: "WEBP"}  # content type -> Pillow format
 JPEG_QUALITY = 90
+# How far under max_side a JPEG may come out when that lets libjpeg decode it at 1/2, 1/4 or
+# 1/8 scale: a 4000-px photo then decodes a quarter of its pixels and needs no resampling
+# (2000 px instead of 2048; see docs/benchmarks.md, image pipeline).
+DRAFT_TOLERANCE = 0.05
 
 # What other things are called in errors; documents are "not an image", images "not accepted".
 _DOCUMENTS = {
@@ -146,15 +150,17 @@ def _decode(data: bytes, content_type: str, *, max_side: int, max_pixels: int) -
         raise BadImage(f"image declares {width}x{height} = {width * height} pixels, more than the "
                        f"{max_pixels} allowed (possible decompression bomb)")
     longest = max(width, height)
-    if content_type == JPEG and longest >= 2 * max_side:
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the size we need.
-        scale = max_side / longest
+    if content_type == JPEG and longest > max_side:
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never more than DRAFT_TOLERANCE under
+        # the size we need (draft keeps at least the size asked for).
+        scale = max_side * (1 - DRAFT_TOLERANCE) / longest
         image.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
     image.load()
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy
     except Exception:
-        return image  # unreadable EXIF: the pixels are fine, keep them as stored
+        pass  # unreadable EXIF: the pixels are fine, keep them as stored
+    return image
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:
