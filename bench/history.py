@@ -37,6 +37,7 @@ from bench.common import (
     parser,
     prepare_database,
     print_table,
+    resolve_paths,
     run_main,
     stack,
     write_result,
@@ -130,7 +131,7 @@ async def bench(args) -> None:
 def main() -> None:
     p = parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--side", type=int, default=1700, help="side of the square noise PNGs (1700: ~8.7 MB each)")
-    args = p.parse_args()
+    args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
 

@@ -38,7 +38,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from bench.common import ROOT, ImageServer, clean_env, console, parser, print_table, ratio, run_main, write_result
+from bench.common import (
+    ROOT,
+    ImageServer,
+    clean_env,
+    console,
+    parser,
+    print_table,
+    ratio,
+    resolve_paths,
+    run_main,
+    write_result,
+)
 
 NAME = "images"
 GOAL_RATIO = 3.0
@@ -312,7 +323,7 @@ def main() -> None:
     p.add_argument("--url", help=argparse_hidden())
     p.add_argument("--warm-url", help=argparse_hidden())
     p.add_argument("--blob-root", type=Path, help=argparse_hidden())
-    args = p.parse_args()
+    args = resolve_paths(p.parse_args(), NAME)
     if args.child:
         print(json.dumps(asyncio.run(_child(args.child, args.methods.split(","), args.url, args.warm_url,
                                             args.runs, args.blob_root))))

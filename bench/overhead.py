@@ -33,17 +33,17 @@ from atelier.providers.base import GenerationInput
 from bench.common import (
     ImageServer,
     history_profile,
-    print_profile,
     make_users,
     parser,
     prepare_database,
+    print_profile,
     print_table,
     ratio,
+    resolve_paths,
     run_main,
     small_jpeg,
     stack,
     summary,
-    verdict,
     write_result,
 )
 from bench.floor import FloorInput, FloorWorkflow, floor_worker
@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=50, help="measured runs per arm")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured runs per arm first")
     p.add_argument("--max-seconds", type=float, default=240.0, help="stop measuring after this long")
-    args = p.parse_args()
+    args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
 

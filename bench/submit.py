@@ -33,7 +33,6 @@ from atelier import credits, users
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
-    RESULTS_DIR,
     ManagedProcess,
     console,
     parser,
@@ -41,6 +40,7 @@ from bench.common import (
     prepare_database,
     print_table,
     ratio,
+    resolve_paths,
     run_main,
     settings_env,
     stack,
@@ -380,8 +380,8 @@ def main() -> None:
     p.add_argument("--only", choices=["both", "api"], default="both", help="api: skip the bare arm (profiling)")
     p.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the API process (to measure a variant)")
-    p.add_argument("--chart", type=Path, default=RESULTS_DIR / "submit.png", help="latency-against-concurrency chart")
-    args = p.parse_args()
+    p.add_argument("--chart", type=Path, default=None, help="latency-against-concurrency chart (default: beside the JSON)")
+    args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
 

@@ -25,22 +25,23 @@ from atelier.messages import ImageInput
 from bench.common import (
     VARIANTS,
     ImageServer,
-    apply_variant,
     Sampler,
+    apply_variant,
     closed_workflows,
-    history_profile,
-    print_profile,
-    sample_histories,
     console,
     count,
+    history_profile,
     make_users,
     parser,
     prepare_database,
+    print_profile,
     print_table,
     provider_settings,
     rate_of,
     ratio,
+    resolve_paths,
     run_main,
+    sample_histories,
     small_jpeg,
     stack,
     start_floor_worker,
@@ -212,7 +213,7 @@ def main() -> None:
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="profile the project worker with py-spy (must be installed), flame graphs into DIR")
     p.add_argument("--timeout", type=float, default=240.0, help="give up waiting for an arm after this long")
-    args = p.parse_args()
+    args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
 
