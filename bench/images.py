@@ -11,12 +11,14 @@ of its own (VmHWM, reset before the run).
   BlobStore.put with fsync), settings as shipped (max_side 2048).
 * naive: httpx GET, Pillow full decode, resize to the same bound (LANCZOS), JPEG encode,
   file write: what the old system did.
-* proposed: the pipeline with the change proposed in docs/benchmarks.md: a JPEG larger
-  than max_side decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whenever that
-  lands within 5 % under max_side (today: only when the photo is twice max_side, so a
-  4000-px photo is fully decoded, 12 MP, and resampled), and EXIF orientation is applied in
-  place instead of on a full-size copy. A 4000x3000 photo comes out 2000x1500.
-* proposed-exact (JPEG): the same, then resized up to exactly today's size (2048x1536).
+  Since 071638b a JPEG larger than max_side decodes at 1/2, 1/4 or 1/8 scale (libjpeg's
+  DCT scaling) whenever that lands within 5 % under max_side, and EXIF orientation is
+  applied in place: a 4000x3000 photo comes out 2000x1500.
+* before (JPEG): the pipeline with the decode as it was before 071638b: the draft only
+  for photos at least twice max_side (so a 4000-px photo was fully decoded, 12 MP, and
+  resampled) and EXIF orientation applied on a full-size copy.
+* exact-2048 (JPEG): today's decode, then resized up to exactly max_side (2048x1536): what
+  keeping the old output size would cost.
 
 Goal (issue 6): the pipeline at least 3x faster than naive on the JPEG.
 """
@@ -53,7 +55,6 @@ from bench.common import (
 
 NAME = "images"
 GOAL_RATIO = 3.0
-DRAFT_TOLERANCE = 0.05
 CACHE = Path(tempfile.gettempdir()) / "atelier-bench-cache"
 
 
@@ -122,12 +123,8 @@ def _reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def proposed_decode(*, exact: bool):
-    """atelier.images._decode as proposed in docs/benchmarks.md: JPEGs larger than max_side
-    are decoded by libjpeg at 1/2, 1/4 or 1/8 scale whenever that lands within
-    DRAFT_TOLERANCE under the bound (today only when the photo is twice max_side), and the
-    EXIF orientation is applied in place (no full-size copy). `exact`: resize the drafted
-    image up to exactly the bound, as today's output size; else keep the drafted size."""
+def before_decode():
+    """atelier.images._decode as it was before 071638b (the benchmark's baseline for it)."""
     import atelier.images as m
     from atelier.errors import BadImage
     from PIL import ImageOps
@@ -141,25 +138,37 @@ def proposed_decode(*, exact: bool):
             raise BadImage(f"image declares {width}x{height} = {width * height} pixels, more than the "
                            f"{max_pixels} allowed (possible decompression bomb)")
         longest = max(width, height)
-        target = None
-        if content_type == m.JPEG and longest > max_side:
+        if content_type == m.JPEG and longest >= 2 * max_side:
             scale = max_side / longest
-            target = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image.draft("RGB", (max(1, math.ceil(target[0] * (1 - DRAFT_TOLERANCE))),
-                                max(1, math.ceil(target[1] * (1 - DRAFT_TOLERANCE)))))
+            image.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
         image.load()
-        if exact and target and max(image.size) < max_side:
-            image = image.resize(target, Image.Resampling.LANCZOS)
         try:
-            ImageOps.exif_transpose(image, in_place=True)
+            return ImageOps.exif_transpose(image)
         except Exception:
-            pass  # unreadable EXIF: the pixels are fine, keep them as stored
+            return image
+
+    return decode
+
+
+def exact_decode(current):
+    """Today's decode, then resized up to exactly the bound where the draft undershot."""
+
+    def decode(data, content_type, *, max_side, max_pixels):
+        image = current(data, content_type, max_side=max_side, max_pixels=max_pixels)
+        longest = max(image.size)
+        if longest < max_side:
+            with Image.open(io.BytesIO(data)) as header:
+                full = header.size
+            if max(full) > max_side:  # drafted under the bound: up to exactly the bound
+                scale = max_side / max(full)
+                image = image.resize((max(1, round(full[0] * scale)), max(1, round(full[1] * scale))),
+                                     Image.Resampling.LANCZOS)
         return image
 
     return decode
 
 
-METHODS = ("pipeline", "naive", "proposed", "proposed-exact")
+METHODS = ("pipeline", "naive", "before", "exact-2048")
 
 
 class _Runner:
@@ -180,8 +189,7 @@ class _Runner:
         self.count = 0
         import atelier.images as m
 
-        self.decoders = {"pipeline": m._decode, "proposed": proposed_decode(exact=False),
-                         "proposed-exact": proposed_decode(exact=True)}
+        self.decoders = {"pipeline": m._decode, "before": before_decode(), "exact-2048": exact_decode(m._decode)}
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -265,7 +273,7 @@ def run_child(mode: str, methods: list[str], url: str, warm_url: str, runs: int,
 async def bench(args) -> None:
     started = time.time()
     runs = 2 if args.quick else args.runs
-    results: dict = {"images": {}, "max_side": 2048, "draft_tolerance": DRAFT_TOLERANCE}
+    results: dict = {"images": {}, "max_side": 2048}
     with tempfile.TemporaryDirectory(prefix="atelier-bench-images-") as tmp, ImageServer() as server:
         for kind in ("jpeg", "png"):
             data = test_image(kind, args.quick)
@@ -277,7 +285,7 @@ async def bench(args) -> None:
             Image.new("RGB", (64, 48), (120, 90, 60)).save(warm, "JPEG" if kind == "jpeg" else "PNG")
             warm_url = server.add(f"/warm.{kind}", warm.getvalue(), ctype)
             console.print(f"[bold]{kind}[/bold] {size[0]}x{size[1]}, {len(data) / 1e6:.1f} MB")
-            methods = list(METHODS) if kind == "jpeg" else ["pipeline", "naive", "proposed"]
+            methods = list(METHODS) if kind == "jpeg" else ["pipeline", "naive", "before"]
             timing = await asyncio.to_thread(run_child, "time", methods, url, warm_url, runs, Path(tmp))
             entry: dict = {"width": size[0], "height": size[1], "bytes": len(data), "methods": {}}
             for method in methods:
@@ -302,16 +310,16 @@ async def bench(args) -> None:
     jpeg = results["images"]["jpeg"]
     results["speedup_jpeg"] = jpeg["speedup_vs_naive"]
     results["speedup_png"] = results["images"]["png"]["speedup_vs_naive"]
-    results["proposed_speedup_jpeg"] = jpeg["methods"]["proposed"]["speedup_vs_naive"]
-    results["proposed_exact_speedup_jpeg"] = jpeg["methods"]["proposed-exact"]["speedup_vs_naive"]
+    results["before_speedup_jpeg"] = jpeg["methods"]["before"]["speedup_vs_naive"]
+    results["exact_2048_speedup_jpeg"] = jpeg["methods"]["exact-2048"]["speedup_vs_naive"]
     results["goal_met"] = bool(jpeg["speedup_vs_naive"] >= GOAL_RATIO)
     print_table(f"Image pipeline (median of {runs} interleaved runs; peak RSS from a fresh process per method)",
                 ["image: method", "total ms", "download ms", "convert+store ms", "peak RSS +MB", "output",
                  "x naive"], rows,
                 caption=f"goal: pipeline >= {GOAL_RATIO}x faster than naive on the JPEG "
                         f"({'met' if results['goal_met'] else 'missed'}: {results['speedup_jpeg']}x; "
-                        f"proposed {results['proposed_speedup_jpeg']}x, "
-                        f"proposed-exact {results['proposed_exact_speedup_jpeg']}x)")
+                        f"before 071638b {results['before_speedup_jpeg']}x, "
+                        f"exact-2048 {results['exact_2048_speedup_jpeg']}x)")
     write_result(NAME, args, results, goals={"jpeg_speedup_min": GOAL_RATIO}, started=started)
 
 

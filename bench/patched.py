@@ -8,7 +8,9 @@ Patches (each mirrors a diff proposed in docs/benchmarks.md):
 * local-activities: GenerationWorkflow's quick database steps (charge_credits,
   select_model, save_work, refund_credits) run as local activities: same timeouts, retry
   policies and summaries, but no task dispatch, no server round trip and three history
-  events fewer each; the workflow continues in the same workflow task.
+  events fewer each; the workflow continues in the same workflow task. The success path
+  only: the real change also widens the `except` around the charge (a local activity's
+  failure comes unwrapped), which an in-memory swap cannot do; benchmarks never reject.
 """
 
 from __future__ import annotations
