@@ -143,6 +143,19 @@ class Harness:
         return await start_generation(self.client, self.request(user_id, kind, images, **kw),
                                       task_queue=self.settings.task_queue)
 
+    def process_env(self, temporal_address: str, **extra: str) -> dict[str, str]:
+        """The environment for a worker or CLI process sharing this harness's world."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ATELIER_", "GEMINI_"))}
+        env.update({
+            "ATELIER_TEMPORAL_ADDRESS": temporal_address,
+            "ATELIER_DATABASE_URL": self.settings.database_url,
+            "ATELIER_BLOB_DIR": str(self.settings.blob_dir),
+            "ATELIER_TASK_QUEUE": self.settings.task_queue,
+            "ATELIER_AI_TASK_QUEUE": self.settings.ai_task_queue,
+        })
+        env.update(extra)
+        return env
+
     async def ledger(self, task_id: str) -> tuple[int, int]:
         return await credits.task_totals(self.engine, task_id)
 
@@ -182,15 +195,3 @@ def on_postgres() -> bool:
 @pytest.fixture
 async def harness(harness_factory) -> Harness:
     return await harness_factory()
-
-
-async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.1):
-    """Poll an async predicate until it returns a truthy value (bounded in time)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

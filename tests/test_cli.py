@@ -24,18 +24,6 @@ async def atelier(*args: str, env: dict | None = None, timeout: float = 120) -> 
     return proc.returncode, out.decode(), err.decode()
 
 
-def harness_env(h, temporal_address: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATELIER_", "GEMINI_"))}
-    env.update({
-        "ATELIER_TEMPORAL_ADDRESS": temporal_address,
-        "ATELIER_DATABASE_URL": h.settings.database_url,
-        "ATELIER_BLOB_DIR": str(h.settings.blob_dir),
-        "ATELIER_TASK_QUEUE": h.settings.task_queue,
-        "ATELIER_AI_TASK_QUEUE": h.settings.ai_task_queue,
-    })
-    return env
-
-
 async def test_replay_command_reports_each_history():
     paths = sorted(str(p) for p in HISTORIES.rglob("*.json"))
     code, out, _ = await atelier("replay", *paths)
@@ -59,7 +47,7 @@ async def test_direct_submit_then_export_history(harness, temporal_address, tmp_
     user = await h.user(50)
     photo = tmp_path / "me.png"
     photo.write_bytes(fake_images.png(200, 260))
-    env = harness_env(h, temporal_address)
+    env = h.process_env(temporal_address)
     async with h.worker():
         code, out, err = await atelier("submit", "--direct", "--user", user, "--kind", "photography",
                                        "--image", str(photo), "--wait", "--timeout", "60", env=env)

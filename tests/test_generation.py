@@ -20,7 +20,6 @@ from atelier import works
 from atelier.errors import InvalidRequest
 from atelier.messages import ChargeRequest, ChargeResult, GenerationRequest, GenerationResult, ImageInput, Status
 from starter.service import read_generation, start_generation
-from tests.conftest import wait_for
 from tests.fakes import images as fake_images
 from tests.fakes.gemini_server import FakeGemini, Reply
 from tests.fakes.http_server import FakeHttpServer
@@ -238,18 +237,8 @@ async def test_worker_killed_during_ai_call_completes_once(harness_factory, temp
         h = await gemini_harness(harness_factory, fake)
         h.timeouts.ai_heartbeat_s = 3  # a dead worker is noticed in seconds
         user = await h.user(100)
-        env = dict(os.environ)
-        env.update({
-            "ATELIER_TEMPORAL_ADDRESS": temporal_address,
-            "ATELIER_DATABASE_URL": h.settings.database_url,
-            "ATELIER_BLOB_DIR": str(h.settings.blob_dir),
-            "ATELIER_TASK_QUEUE": h.settings.task_queue,
-            "ATELIER_AI_TASK_QUEUE": h.settings.ai_task_queue,
-            "ATELIER_AI_PROVIDER": "gemini",
-            "GEMINI_API_KEY": "test-key",
-            "GEMINI_BASE_URL": fake.url,
-            "ATELIER_ALLOW_PRIVATE_URLS": "1",
-        })
+        env = h.process_env(temporal_address, ATELIER_AI_PROVIDER="gemini", GEMINI_API_KEY="test-key",
+                            GEMINI_BASE_URL=fake.url, ATELIER_ALLOW_PRIVATE_URLS="1")
         log = open(tmp_path / "worker.log", "wb")
         worker_cmd = [os.sys.executable, "worker.py"]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ with a 4xx and a JSON error, starts no workflow and moves no credit; none answer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import pytest
 
