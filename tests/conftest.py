@@ -195,3 +195,15 @@ def on_postgres() -> bool:
 @pytest.fixture
 async def harness(harness_factory) -> Harness:
     return await harness_factory()
+
+
+async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.1):
+    """Poll an async predicate until it returns a truthy value (bounded in time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
