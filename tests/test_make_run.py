@@ -72,6 +72,7 @@ def test_make_run_serves_restarts_a_dead_worker_and_stops_on_ctrl_c(tmp_path):
                              "--ui-port", str(ui_port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = Output(proc)
+    stopped_cleanly = False
     try:
         first_worker = int(out.wait_for(r"started worker \(pid (\d+)\)", 60).group(1))
         api_url = f"http://127.0.0.1:{api_port}"
@@ -120,7 +121,17 @@ def test_make_run_serves_restarts_a_dead_worker_and_stops_on_ctrl_c(tmp_path):
                 os.kill(pid, 0)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", api_port)) != 0, "the API still answers after Ctrl-C"
+        stopped_cleanly = True
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+        # The supervisor's children run in sessions of their own: if the test stopped it
+        # abruptly, stop them by the pids it printed, so nothing outlives the test.
+        for line in ([] if stopped_cleanly else out.lines):
+            m = re.search(r"started \w+ \(pid (\d+)\)", line)
+            if m:
+                try:
+                    os.kill(int(m.group(1)), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
