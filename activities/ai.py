@@ -13,8 +13,8 @@ from activities.errors import to_application_error
 from atelier import model_health
 from atelier.blobstore import BlobStore
 from atelier.errors import AtelierError, ContentBlocked, ProviderRejected, ProviderUnavailable
-from atelier.images import prepare_image
-from atelier.messages import AiOutput, AiRequest, StoredImage
+from atelier.images import store_image
+from atelier.messages import AiOutput, AiRequest
 from atelier.providers.base import GenerationInput, Provider
 
 # Outputs are bounded too: a provider is outside our control.
@@ -64,15 +64,10 @@ class AiActivities:
                 )
             if not generated:
                 raise ProviderRejected("the provider answered without an image")
-            stored = [await self._store(g.data) for g in generated]
+            stored = [await store_image(self.blobs, g.data, max_side=MAX_OUTPUT_SIDE, max_pixels=MAX_OUTPUT_PIXELS)
+                      for g in generated]
         except AtelierError as err:
             if isinstance(err, (ProviderUnavailable, ProviderRejected)) and not isinstance(err, ContentBlocked):
                 await model_health.record_failure(self.engine, req.model, err.code)
             raise to_application_error(err) from None
         return AiOutput(images=stored, model=req.model, provider=req.provider)
-
-    async def _store(self, data: bytes) -> StoredImage:
-        prepared = await asyncio.to_thread(prepare_image, data, max_side=MAX_OUTPUT_SIDE, max_pixels=MAX_OUTPUT_PIXELS)
-        key = await self.blobs.put(prepared.data, prepared.content_type)
-        return StoredImage(key=key, content_type=prepared.content_type, width=prepared.width,
-                           height=prepared.height, size=len(prepared.data))

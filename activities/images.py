@@ -3,8 +3,6 @@ Returns blob-store references: image bytes never enter the workflow history."""
 
 from __future__ import annotations
 
-import asyncio
-
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
@@ -13,7 +11,7 @@ from atelier import works
 from atelier.blobstore import BlobStore
 from atelier.downloader import Downloader
 from atelier.errors import AtelierError, BadImage
-from atelier.images import prepare_image
+from atelier.images import store_image
 from atelier.messages import DownloadRequest, DownloadResult, ImageInput, StoredImage
 
 
@@ -53,11 +51,6 @@ class ImageActivities:
 
     async def store(self, data: bytes, *, label: str) -> StoredImage:
         try:
-            prepared = await asyncio.to_thread(
-                prepare_image, data, max_side=self.max_side, max_pixels=self.max_pixels
-            )
+            return await store_image(self.blobs, data, max_side=self.max_side, max_pixels=self.max_pixels)
         except BadImage as err:
             raise BadImage(f"{label}: {err.message}") from None
-        key = await self.blobs.put(prepared.data, prepared.content_type)
-        return StoredImage(key=key, content_type=prepared.content_type, width=prepared.width,
-                           height=prepared.height, size=len(prepared.data))

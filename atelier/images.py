@@ -11,13 +11,17 @@ It is synchronous and CPU-bound: callers run it in a thread.
 
 from __future__ import annotations
 
+import asyncio
+
 import io
 import math
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from atelier.blobstore import BlobStore
 from atelier.errors import BadImage
+from atelier.messages import StoredImage
 
 JPEG = "image/jpeg"
 PNG = "image/png"
@@ -224,3 +228,12 @@ def _save(image: Image.Image, fmt: str, *, icc_profile: bytes | None, **options)
     image.save(out, fmt, **options)
     return PreparedImage(data=out.getvalue(), content_type=JPEG if fmt == "JPEG" else PNG,
                          width=image.width, height=image.height)
+
+
+async def store_image(blobs: BlobStore, data: bytes, *, max_side: int, max_pixels: int) -> StoredImage:
+    """Check and normalise `data` (off the event loop), put it in the blob store and return its
+    reference: the one way bytes from a user or a provider become a stored image."""
+    prepared = await asyncio.to_thread(prepare_image, data, max_side=max_side, max_pixels=max_pixels)
+    key = await blobs.put(prepared.data, prepared.content_type)
+    return StoredImage(key=key, content_type=prepared.content_type, width=prepared.width,
+                       height=prepared.height, size=len(prepared.data))

@@ -189,8 +189,8 @@ async def _submit_direct(args) -> int:
     """Operators: start a generation through Temporal, no API. Local files go to the blob store."""
     from atelier import db, works
     from atelier.blobstore import BlobStore
-    from atelier.images import prepare_image
-    from atelier.messages import ImageInput, StoredImage
+    from atelier.images import store_image
+    from atelier.messages import ImageInput
     from starter.service import build_request, read_generation, start_generation
 
     if not args.user:
@@ -204,10 +204,8 @@ async def _submit_direct(args) -> int:
             if image.startswith(("http://", "https://")):
                 images.append(ImageInput(url=image))
                 continue
-            prepared = prepare_image(Path(image).read_bytes(), max_side=settings.max_image_side,
-                                     max_pixels=settings.max_image_pixels)
-            key = await blobs.put(prepared.data, prepared.content_type)
-            stored = StoredImage(key, prepared.content_type, prepared.width, prepared.height, len(prepared.data))
+            stored = await store_image(blobs, Path(image).read_bytes(), max_side=settings.max_image_side,
+                                       max_pixels=settings.max_image_pixels)
             images.append(ImageInput(file_id=await works.record_upload(engine, user_id=args.user, image=stored)))
         req = build_request(settings, user_id=args.user, kind=args.kind, images=images, prompt=args.prompt or "",
                             style=args.style or "", parameters=_params(args.param), webhook_url=args.webhook_url)

@@ -19,7 +19,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from atelier import credits, users, works
 from atelier.db import create_schema_for_tests
-from atelier.messages import SEARCH_ATTRIBUTES, ImageInput, StoredImage, Timeouts
+from atelier.images import store_image
+from atelier.messages import SEARCH_ATTRIBUTES, ImageInput, Timeouts
 from atelier.settings import Settings
 from starter.service import build_request, start_generation
 from tests import postgres_db
@@ -128,11 +129,8 @@ class Harness:
 
     async def upload(self, user_id: str, data: bytes) -> str:
         """Store an image as the API's upload route would, and return its file_id."""
-        from atelier.images import prepare_image
-
-        prepared = prepare_image(data, max_side=self.settings.max_image_side)
-        key = await self.deps.blobs.put(prepared.data, prepared.content_type)
-        image = StoredImage(key, prepared.content_type, prepared.width, prepared.height, len(prepared.data))
+        image = await store_image(self.deps.blobs, data, max_side=self.settings.max_image_side,
+                                  max_pixels=self.settings.max_image_pixels)
         return await works.record_upload(self.engine, user_id=user_id, image=image)
 
     def request(self, user_id: str, kind: str, images: list[ImageInput], **kw):

@@ -3,15 +3,13 @@ a file may read it; anyone else gets the same 404 as for a file that does not ex
 
 from __future__ import annotations
 
-import asyncio
 
 from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
 
 from atelier import works
 from atelier.blobstore import BlobNotFound, InvalidBlobKey, content_type_of
 from atelier.errors import BadImage
-from atelier.images import prepare_image
-from atelier.messages import StoredImage
+from atelier.images import store_image
 from starter.api.auth import current_user
 from starter.api.context import ApiContext, context
 from starter.api.errors import ApiError, not_found
@@ -38,13 +36,10 @@ async def upload(
         raise ApiError(413, "ContentTooLarge", f"the image is larger than {cap} bytes")
     try:
         # Checked and normalised exactly like a downloaded image, off the event loop.
-        prepared = await asyncio.to_thread(prepare_image, data, max_side=ctx.settings.max_image_side,
-                                           max_pixels=ctx.settings.max_image_pixels)
+        image = await store_image(ctx.blobs, data, max_side=ctx.settings.max_image_side,
+                                  max_pixels=ctx.settings.max_image_pixels)
     except BadImage as err:
         raise ApiError(422, err.code, err.message) from None
-    key = await ctx.blobs.put(prepared.data, prepared.content_type)
-    image = StoredImage(key=key, content_type=prepared.content_type, width=prepared.width,
-                        height=prepared.height, size=len(prepared.data))
     file_id = await works.record_upload(ctx.engine, user_id=user_id, image=image)
     return {"file_id": file_id, "content_type": image.content_type, "width": image.width,
             "height": image.height, "size": image.size}
