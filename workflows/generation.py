@@ -80,11 +80,7 @@ async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
             result = await asyncio.shield(task)
             break
         except asyncio.CancelledError:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                result = task.result()
-                canceled = True
-                break
-            canceled = True
+            canceled = True  # the task goes on; the next shield returns its result once done
     if canceled and then_honour_cancel:
         raise asyncio.CancelledError()
     return result
