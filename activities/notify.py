@@ -13,19 +13,13 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import to_application_error
 from atelier.downloader import Downloader
 from atelier.errors import AtelierError, UrlRefused
-from atelier.messages import NotifyRequest, NotifyResult, Stage
-from atelier.representation import GenerationView, generation_object
+from atelier.messages import NotifyRequest, NotifyResult
+from atelier.representation import generation_object, view_of_result
 
 
 def render_body(req: NotifyRequest, base_url: str) -> str:
-    r = req.result
-    view = GenerationView(
-        id=r.task_id, kind=r.kind, status=r.status, stage=Stage.DONE.value, progress=100, model=r.model,
-        error={"code": r.error_code, "message": r.error or ""} if r.error_code else None,
-        created_at=req.created_at or None, completed_at=req.completed_at or None,
-        charged=r.credits_charged, refunded=r.credits_refunded, work_id=r.work_id, images=r.images,
-    )
-    return json.dumps({"type": f"generation.{r.status}", "data": generation_object(view, base_url=base_url)},
+    view = view_of_result(req.result, created_at=req.created_at or None, completed_at=req.completed_at or None)
+    return json.dumps({"type": f"generation.{view.status}", "data": generation_object(view, base_url=base_url)},
                       separators=(",", ":"), sort_keys=True)
 
 

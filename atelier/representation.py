@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from atelier.messages import StoredImage
+from atelier.messages import GenerationResult, Stage, StoredImage
 
 
 @dataclass
@@ -24,6 +24,17 @@ class GenerationView:
     refunded: int = 0
     work_id: str | None = None
     images: list[StoredImage] = field(default_factory=list)
+
+
+def view_of_result(r: GenerationResult, *, task_id: str = "", kind: str = "", created_at: str | None = None,
+                   completed_at: str | None = None) -> GenerationView:
+    """A closed generation as clients see it, from the workflow's own result."""
+    return GenerationView(
+        id=r.task_id or task_id, kind=r.kind or kind, status=r.status, stage=Stage.DONE.value, progress=100,
+        model=r.model, error={"code": r.error_code, "message": r.error or ""} if r.error_code else None,
+        created_at=created_at, completed_at=completed_at, charged=r.credits_charged, refunded=r.credits_refunded,
+        work_id=r.work_id, images=[i if isinstance(i, StoredImage) else StoredImage(**i) for i in r.images or []],
+    )
 
 
 def file_url(base_url: str, key: str) -> str:

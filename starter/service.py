@@ -42,7 +42,7 @@ from atelier.messages import (
     StoredImage,
     Timeouts,
 )
-from atelier.representation import GenerationView
+from atelier.representation import GenerationView, view_of_result
 from atelier.settings import Settings
 from atelier.validation import validate_request
 from workflows.generation import PERCENT, GenerationWorkflow
@@ -133,12 +133,8 @@ def _stored(images) -> list[StoredImage]:
 
 
 def _view_from_result(task_id: str, kind: str, r: GenerationResult, desc: WorkflowExecutionDescription) -> GenerationView:
-    return GenerationView(
-        id=task_id, kind=r.kind or kind, status=r.status, stage=Stage.DONE.value, progress=100, model=r.model,
-        error={"code": r.error_code, "message": r.error or ""} if r.error_code else None,
-        created_at=_iso(desc.start_time), completed_at=_iso(desc.close_time),
-        charged=r.credits_charged, refunded=r.credits_refunded, work_id=r.work_id, images=_stored(r.images),
-    )
+    return view_of_result(r, task_id=task_id, kind=kind, created_at=_iso(desc.start_time),
+                          completed_at=_iso(desc.close_time))
 
 
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None) -> GenerationState | None:
