@@ -47,6 +47,7 @@ class Stage(str, Enum):
     SELECTING_MODEL = "selecting_model"
     DOWNLOADING = "downloading"
     GENERATING = "generating"
+    WAITING_FOR_MODEL = "waiting_for_model"
     SAVING = "saving"
     NOTIFYING = "notifying"
     REFUNDING = "refunding"
@@ -66,13 +67,28 @@ class ErrorCode(str, Enum):
     PROVIDER_REJECTED = "ProviderRejected"
     PROVIDER_UNAVAILABLE = "ProviderUnavailable"
     NO_MODEL_AVAILABLE = "NoModelAvailable"
+    PROVIDER_BUSY = "ProviderBusy"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    EXPIRED_BEFORE_START = "ExpiredBeforeStart"
+    ALREADY_REFUNDED = "AlreadyRefunded"
     CANCELED = "Canceled"
     INTERNAL = "Internal"
 
 
 # Errors the provider returned that another model of the catalogue cannot fix either.
 NO_FALLBACK_ERRORS = frozenset({ErrorCode.CONTENT_BLOCKED.value, ErrorCode.BAD_IMAGE.value})
+
+
+class Priority(str, Enum):
+    """A generation's lane for model slots: higher lanes get slots first; `low` ages upward."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+# Webhook events a request may ask for; each delivery is its own signed message.
+WEBHOOK_EVENTS = ("started", "progress", "completed")
 
 
 @dataclass
@@ -110,6 +126,21 @@ class Timeouts:
 
 
 @dataclass
+class ValidationLimits:
+    """Limits the workflow checks a request against. They travel in the request, so changing a
+    default only affects generations started after the change (see docs/deployment.md)."""
+
+    max_prompt_chars: int = 4000
+    max_style_chars: int = 200
+    max_parameters: int = 20
+    max_parameter_key_chars: int = 64
+    max_parameter_value_chars: int = 500
+    max_url_chars: int = 2048
+    photography_images: tuple[int, int] = (1, 4)
+    fitting_images: tuple[int, int] = (2, 5)
+
+
+@dataclass
 class GenerationRequest:
     task_id: str = ""
     user_id: str = ""
@@ -124,6 +155,25 @@ class GenerationRequest:
     ai_task_queue: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
     created_at: str = ""
+    webhook_events: list[str] = field(default_factory=lambda: ["completed"])
+    priority: str = Priority.NORMAL.value
+    # The validation limits in force when the generation was submitted, recorded in its input so a
+    # running workflow keeps them across a deploy that changes them. None: the limits of old histories.
+    limits: ValidationLimits | None = None
+
+
+@dataclass
+class AttemptRecord:
+    """One AI call attempt, as the workflow saw it."""
+
+    model: str = ""
+    provider: str = ""
+    started_at: str = ""
+    ended_at: str | None = None
+    # running | succeeded | failed | busy (the provider said 429) | timed_out | canceled
+    outcome: str = "running"
+    error_code: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -138,6 +188,10 @@ class GenerationResult:
     error: str | None = None
     credits_charged: int = 0
     credits_refunded: int = 0
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    # The stage the generation failed in, and whether submitting it again could help.
+    error_stage: str | None = None
+    retryable: bool | None = None
 
 
 @dataclass
@@ -157,6 +211,52 @@ class Progress:
     credits_refunded: int = 0
     work_id: str | None = None
     images: list[StoredImage] = field(default_factory=list)
+    # Increases at every visible change: the id of the progress stream's events.
+    seq: int = 0
+    # While waiting for a model slot: 1 = next; None when not waiting or unknown.
+    queue_position: int | None = None
+    eta_s: float | None = None
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    error_stage: str | None = None
+    retryable: bool | None = None
+
+
+@dataclass
+class ProgressEvent:
+    """One visible change of a generation, for the progress stream (`events` query)."""
+
+    seq: int = 0
+    at: str = ""
+    status: str = Status.QUEUED.value
+    stage: str = Stage.QUEUED.value
+    percent: int = 0
+    model: str | None = None
+    attempt: int = 0
+    queue_position: int | None = None
+    eta_s: float | None = None
+    error_code: str | None = None
+
+
+@dataclass
+class EventsRequest:
+    after_seq: int = 0
+
+
+@dataclass
+class EventsPage:
+    """The events after `after_seq` (oldest first) and the current progress."""
+
+    events: list[ProgressEvent] = field(default_factory=list)
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass
+class QueueUpdate:
+    """Sent to a waiting generation by the model's admission workflow."""
+
+    model: str = ""
+    position: int | None = None
+    eta_s: float | None = None
 
 
 # ---- activity inputs and outputs -------------------------------------------------------
