@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
+from activities.admission import AdmissionActivities
 from activities.ai import AiActivities
 from activities.credits import CreditActivities
 from activities.images import ImageActivities
@@ -38,6 +39,7 @@ from atelier.downloader import Downloader, UrlGuard, build_http_client
 from atelier.providers import build_providers
 from atelier.providers.base import Provider
 from atelier.settings import Settings, load_settings
+from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
 
 log = logging.getLogger("atelier.worker")
@@ -89,6 +91,8 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     task_queue = task_queue or s.task_queue
     ai_task_queue = ai_task_queue or s.ai_task_queue
     ai = AiActivities(deps.engine, deps.blobs, deps.providers)
+    admission = AdmissionActivities(client, task_queue=task_queue, aging_s=s.admission_aging_s,
+                                    check_every_s=s.admission_check_s)
     short = [
         CreditActivities(deps.engine).charge_credits,
         CreditActivities(deps.engine).refund_credits,
@@ -98,6 +102,8 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
         ImageActivities(deps.engine, deps.blobs, deps.downloader, max_side=s.max_image_side,
                         max_pixels=s.max_image_pixels).download_and_convert,
         WorkActivities(deps.engine).save_work,
+        admission.request_slot,
+        admission.check_holders,
         NotifyActivities(deps.downloader,
                          secret=s.webhook_secret.get_secret_value() if s.webhook_secret else None,
                          base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}").notify,
@@ -112,7 +118,7 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     if only in ("all", "main"):
         workers.append(Worker(
             client, task_queue=task_queue,
-            workflows=[GenerationWorkflow, WebhookDeliveryWorkflow],
+            workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow],
             activities=short + ([ai.call_ai] if same_queue else []),
             max_concurrent_activities=s.max_concurrent_activities + (s.max_concurrent_ai_calls if same_queue else 0),
             max_concurrent_workflow_tasks=s.max_concurrent_workflow_tasks,

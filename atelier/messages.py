@@ -302,6 +302,11 @@ class ModelChoice:
     model: str = ""
     provider: str = ""
     priority: int = 0
+    # The model's declared quota (None: not declared), and whether its calls go through the
+    # model's admission workflow (false for the local compositor with no quota declared).
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+    admission: bool = False
 
 
 @dataclass
@@ -369,3 +374,129 @@ class NotifyRequest:
 class NotifyResult:
     status_code: int = 0
     attempts: int = 0
+
+
+# ---- model admission (workflows/admission.py) -------------------------------------------
+
+ADMISSION_WORKFLOW_TYPE = "ModelAdmissionWorkflow"
+
+
+def admission_workflow_id(model: str, task_queue: str = DEFAULT_TASK_QUEUE) -> str:
+    """One admission workflow per model (and per deployment: a task queue of its own, as
+    tests have, gets its own)."""
+    if task_queue == DEFAULT_TASK_QUEUE:
+        return f"admission-{model}"
+    return f"admission-{model}@{task_queue}"
+
+
+@dataclass
+class SlotRequest:
+    """A generation asks the model's admission workflow for one call slot."""
+
+    # Unique per AI call attempt ("<task_id>:<n>"): a repeated request is recognised.
+    ticket: str = ""
+    # The generation workflow the grant is signalled to.
+    task_id: str = ""
+    user_id: str = ""
+    priority: str = Priority.NORMAL.value
+    model: str = ""
+    # When the generation first asked (workflow time, epoch seconds): a re-request after a
+    # 429 keeps its place in line.
+    enqueued_at: float = 0.0
+    # The model's declared quota, from the catalogue (None: not declared).
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+    # A slot not released within this is taken back (its holder is presumed gone).
+    lease_s: float = 3600.0
+
+
+@dataclass
+class SlotGrant:
+    ticket: str = ""
+    model: str = ""
+
+
+@dataclass
+class SlotRelease:
+    ticket: str = ""
+    # ok | busy (the provider answered 429) | failed | withdrawn (gave up waiting)
+    outcome: str = "ok"
+    duration_s: float | None = None
+
+
+@dataclass
+class SlotTicket:
+    """What request_slot answers: where the request went."""
+
+    workflow_id: str = ""
+
+
+@dataclass
+class SlotHolder:
+    ticket: str = ""
+    task_id: str = ""
+    user_id: str = ""
+    granted_at: float = 0.0
+    lease_until: float = 0.0
+    # The grant's sequence number: a 429 on a slot granted before the last decrease is not news.
+    serial: int = 0
+
+
+@dataclass
+class AdmissionState:
+    """Everything a model's admission workflow knows; carried across continue-as-new."""
+
+    model: str = ""
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+    # What 429s taught (None: the declared limit, or the undeclared start).
+    learned_limit: float | None = None
+    decreased_at_serial: int = 0
+    waiting: list[SlotRequest] = field(default_factory=list)
+    holders: list[SlotHolder] = field(default_factory=list)
+    recent_starts: list[float] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+    served: dict[str, int] = field(default_factory=dict)
+    done: list[str] = field(default_factory=list)
+    serial: int = 0
+    # A waiting entry moves up one lane per this many seconds (0: never).
+    aging_s: float = 120.0
+    # How often holders are checked for a closed generation workflow.
+    check_every_s: float = 30.0
+    # Continue-as-new past this many history events (0: when the server suggests it).
+    max_history_events: int = 0
+    # Counters for metrics and tests.
+    granted: int = 0
+    busy: int = 0
+    reclaimed: int = 0
+    runs: int = 1
+
+
+@dataclass
+class AdmissionStatus:
+    """What the admission workflow's `status` query answers."""
+
+    model: str = ""
+    in_flight: int = 0
+    waiting: int = 0
+    limit: int = 0
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+    learned_limit: float | None = None
+    started_last_minute: int = 0
+    mean_call_s: float | None = None
+    granted: int = 0
+    busy: int = 0
+    reclaimed: int = 0
+    runs: int = 1
+
+
+@dataclass
+class HolderCheck:
+    task_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HolderCheckResult:
+    # The generations among those asked about that are no longer running.
+    closed: list[str] = field(default_factory=list)

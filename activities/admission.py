@@ -1,0 +1,71 @@
+"""Reaching a model's admission workflow from a generation, and checking on slot holders.
+
+A workflow cannot signal-with-start another workflow, so asking for a slot is this short
+activity: it signals the model's admission workflow, starting it when it does not run yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from atelier.messages import (
+    ADMISSION_WORKFLOW_TYPE,
+    AdmissionState,
+    HolderCheck,
+    HolderCheckResult,
+    SlotRequest,
+    SlotTicket,
+    admission_workflow_id,
+)
+
+
+class AdmissionActivities:
+    def __init__(self, client: Client, *, task_queue: str, aging_s: float = 120.0,
+                 check_every_s: float = 30.0) -> None:
+        self.client = client
+        self.task_queue = task_queue
+        self.aging_s = aging_s
+        self.check_every_s = check_every_s
+
+    @activity.defn
+    async def request_slot(self, req: SlotRequest) -> SlotTicket:
+        """Queue `req` at the model's admission workflow (started if none runs)."""
+        workflow_id = admission_workflow_id(req.model, self.task_queue)
+        await self.client.start_workflow(
+            ADMISSION_WORKFLOW_TYPE,
+            AdmissionState(model=req.model, aging_s=self.aging_s, check_every_s=self.check_every_s),
+            id=workflow_id,
+            task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            start_signal="request_slot",
+            start_signal_args=[req],
+            static_summary=f"Call slots of {req.model}",
+        )
+        return SlotTicket(workflow_id=workflow_id)
+
+    @activity.defn
+    async def check_holders(self, req: HolderCheck) -> HolderCheckResult:
+        """Which of these generations are no longer running (closed, or unknown to Temporal)."""
+
+        async def closed(task_id: str) -> bool:
+            try:
+                desc = await self.client.get_workflow_handle(task_id).describe()
+            except RPCError as err:
+                if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+                    return True
+                raise
+            return desc.status != WorkflowExecutionStatus.RUNNING
+
+        gate = asyncio.Semaphore(20)
+
+        async def bounded(task_id: str) -> bool:
+            async with gate:
+                return await closed(task_id)
+
+        answers = await asyncio.gather(*(bounded(t) for t in req.task_ids))
+        return HolderCheckResult(closed=[t for t, gone in zip(req.task_ids, answers) if gone])
