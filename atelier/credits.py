@@ -1,6 +1,13 @@
 """The credit ledger. Money is sacred: every movement is one transaction holding a
 conditional balance update and a ledger row unique per (task, entry), so a retried
-charge or refund is a no-op and a refund can only follow a charge."""
+charge or refund is a no-op.
+
+A refund always leaves its row, even when it finds no charge (a tombstone of amount 0):
+a charge or a saved work that commits after it refuses with AlreadyRefunded. So whatever
+the order in which a task's charge, refund and save commit, charged - refunded is 0 or
+the cost, and a work exists only for a task that stays charged. A task's ledger
+transactions are serialised: by SQLite's single writer (BEGIN IMMEDIATE), and on
+PostgreSQL by a transaction-scoped advisory lock on the task id."""
 
 from __future__ import annotations
 
@@ -8,12 +15,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from atelier.db import ledger, users, reading
-from atelier.errors import InsufficientCredits, InvalidRequest, UnknownUser
+from atelier.db import ledger, reading, users, works
+from atelier.errors import AlreadyRefunded, InsufficientCredits, InvalidRequest, UnknownUser
 
 
 def _now() -> datetime:
@@ -45,6 +52,32 @@ def _insert_ignoring_duplicate(conn: AsyncConnection, **values):
     )
 
 
+async def lock_task(conn: AsyncConnection, task_id: str) -> None:
+    """Serialise this transaction with every other ledger or work transaction of `task_id`
+    until it ends. Under READ COMMITTED, statements after the lock see what the previous
+    holder committed. SQLite needs nothing: BEGIN IMMEDIATE already admits one writer."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                           {"key": f"atelier-task:{task_id}"})
+
+
+async def refuse_if_refunded(conn: AsyncConnection, task_id: str, doing: str) -> None:
+    """Raise AlreadyRefunded if `task_id` has a refund row (a real refund or a tombstone)."""
+    refunded = (await conn.execute(
+        select(func.count()).select_from(ledger).where(ledger.c.task_id == task_id, ledger.c.entry == "refund")
+    )).scalar_one()
+    if refunded:
+        raise AlreadyRefunded(f"task {task_id!r} was refunded: it cannot be {doing}")
+
+
+async def charged_to(conn: AsyncConnection, task_id: str, user_id: str) -> bool:
+    """Whether `task_id` has a charge row of `user_id`."""
+    return (await conn.execute(
+        select(func.count()).select_from(ledger).where(
+            ledger.c.task_id == task_id, ledger.c.entry == "charge", ledger.c.user_id == user_id)
+    )).scalar_one() > 0
+
+
 async def _balance(conn: AsyncConnection, user_id: str) -> int:
     balance = (await conn.execute(select(users.c.balance).where(users.c.id == user_id))).scalar()
     if balance is None:
@@ -53,10 +86,13 @@ async def _balance(conn: AsyncConnection, user_id: str) -> int:
 
 
 async def charge(engine: AsyncEngine, *, task_id: str, user_id: str, amount: int, reason: str = "") -> Movement:
-    """Debit `amount` for `task_id`, once. Raises InsufficientCredits with nothing charged."""
+    """Debit `amount` for `task_id`, once. Raises InsufficientCredits with nothing charged,
+    and AlreadyRefunded if a refund of the task (even one that found nothing) came first."""
     if amount < 0:
         raise InvalidRequest("a charge cannot be negative")
     async with engine.begin() as conn:
+        await lock_task(conn, task_id)
+        await refuse_if_refunded(conn, task_id, "charged")
         await _balance(conn, user_id)  # unknown user: a clear error, not a foreign-key failure
         inserted = await conn.execute(
             _insert_ignoring_duplicate(
@@ -92,8 +128,12 @@ async def charge(engine: AsyncEngine, *, task_id: str, user_id: str, amount: int
 
 
 async def refund(engine: AsyncEngine, *, task_id: str, user_id: str, reason: str = "") -> Movement:
-    """Give back what `task_id` was charged, at most once. No charge, no refund."""
+    """Give back what `task_id` was charged, at most once. With no charge yet, leave a
+    tombstone (a refund row of 0) that bars a later charge. A work saved for the task is
+    withdrawn: a refunded generation leaves none (its output files stay the user's)."""
     async with engine.begin() as conn:
+        await lock_task(conn, task_id)
+        await conn.execute(delete(works).where(works.c.task_id == task_id))
         charged = (
             await conn.execute(
                 select(ledger.c.amount, ledger.c.user_id).where(
@@ -102,8 +142,20 @@ async def refund(engine: AsyncEngine, *, task_id: str, user_id: str, reason: str
             )
         ).one_or_none()
         if charged is None:
-            balance = await _balance(conn, user_id) if user_id else 0
-            return Movement(amount=0, balance=balance, replayed=False)
+            if not user_id:
+                return Movement(amount=0, balance=0, replayed=False)
+            try:
+                balance = await _balance(conn, user_id)
+            except UnknownUser:
+                # No such user: no charge can ever succeed for it, so no tombstone is needed.
+                return Movement(amount=0, balance=0, replayed=False)
+            tombstone = await conn.execute(
+                _insert_ignoring_duplicate(
+                    conn, user_id=user_id, task_id=task_id, entry="refund", amount=0,
+                    reason=reason, created_at=_now(),
+                )
+            )
+            return Movement(amount=0, balance=balance, replayed=tombstone.rowcount == 0)
         amount = -int(charged.amount)
         inserted = await conn.execute(
             _insert_ignoring_duplicate(

@@ -62,3 +62,9 @@ class ProviderUnavailable(AtelierError):
     """The provider failed in a way a retry may fix (429, 5xx, timeout, reset, garbage)."""
     code = ErrorCode.PROVIDER_UNAVAILABLE.value
     retryable = True
+
+
+class AlreadyRefunded(AtelierError):
+    """The task was refunded (or its refund ran first and left a tombstone): it can no longer be
+    charged, nor its work saved. Retrying cannot change that."""
+    code = ErrorCode.ALREADY_REFUNDED.value

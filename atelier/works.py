@@ -10,7 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from atelier.credits import charged_to, lock_task, refuse_if_refunded
 from atelier.db import files, works, reading
+from atelier.errors import InvalidRequest
 from atelier.messages import StoredImage
 
 
@@ -37,11 +39,17 @@ def _row_to_work(r) -> Work:
 
 async def save_work(engine: AsyncEngine, *, task_id: str, user_id: str, kind: str, model: str,
                     prompt: str, images: list[StoredImage]) -> tuple[str, bool]:
-    """Record the work for `task_id` once and make its images the user's. Returns (work_id, replayed)."""
+    """Record the work for `task_id` once and make its images the user's. Returns (work_id, replayed).
+    Raises AlreadyRefunded if the task was refunded first (a refunded task has no work) and
+    InvalidRequest if it was never charged to this user."""
     now = datetime.now(timezone.utc)
     d = _dialect(engine)
     work_id = f"wrk_{uuid.uuid4().hex[:20]}"
     async with engine.begin() as conn:
+        await lock_task(conn, task_id)
+        await refuse_if_refunded(conn, task_id, "saved as a work")
+        if not await charged_to(conn, task_id, user_id):
+            raise InvalidRequest(f"task {task_id!r} was not charged to this user: no work is saved for it")
         inserted = await conn.execute(
             d.insert(works).values(
                 id=work_id, task_id=task_id, user_id=user_id, kind=kind, model=model, prompt=prompt,

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from sqlalchemy import func, select
 
-from atelier import credits, users
+from atelier import credits, users, works
 from atelier.db import create_engine, create_schema_for_tests, ledger
-from atelier.errors import InsufficientCredits, InvalidRequest, UnknownUser
+from atelier.errors import AlreadyRefunded, InsufficientCredits, InvalidRequest, UnknownUser
+from atelier.messages import StoredImage
 
 
 @pytest.fixture
@@ -61,8 +62,6 @@ async def test_insufficient_credits_charges_nothing(engine):
 
 async def test_refund_only_after_charge_and_only_once(engine):
     user = await _user(engine, 50)
-    nothing = await credits.refund(engine, task_id="t3", user_id=user)
-    assert nothing.amount == 0 and await _rows(engine, "t3") == []
     await credits.charge(engine, task_id="t3", user_id=user, amount=20)
     first = await credits.refund(engine, task_id="t3", user_id=user)
     second = await credits.refund(engine, task_id="t3", user_id=user)
@@ -70,6 +69,72 @@ async def test_refund_only_after_charge_and_only_once(engine):
     assert (second.amount, second.replayed) == (0, True)
     assert await _rows(engine, "t3") == [("charge", -20), ("refund", 20)]
     assert await credits.task_totals(engine, "t3") == (20, 20)
+
+
+async def test_a_refund_before_its_charge_leaves_a_tombstone_that_bars_the_charge(engine):
+    """Issue 10 #3: the charge's last attempt commits after the refund ran; it must refuse."""
+    user = await _user(engine, 50)
+    early = await credits.refund(engine, task_id="late", user_id=user, reason="DeadlineExceeded")
+    assert (early.amount, early.balance) == (0, 50)
+    assert await _rows(engine, "late") == [("refund", 0)]
+    with pytest.raises(AlreadyRefunded) as caught:
+        await credits.charge(engine, task_id="late", user_id=user, amount=20)
+    assert caught.value.code == "AlreadyRefunded" and caught.value.retryable is False
+    assert await credits.balance(engine, user) == 50
+    assert await _rows(engine, "late") == [("refund", 0)]
+    again = await credits.refund(engine, task_id="late", user_id=user)
+    assert (again.amount, again.replayed) == (0, True)
+    assert await credits.task_totals(engine, "late") == (0, 0)
+
+
+async def test_a_refund_of_a_task_of_an_unknown_user_writes_nothing(engine):
+    moved = await credits.refund(engine, task_id="ghost", user_id="nobody")
+    assert moved.amount == 0 and await _rows(engine, "ghost") == []
+
+
+IMAGE = StoredImage(key="a" * 64 + ".png", content_type="image/png", width=1, height=1, size=10)
+
+
+async def _save(engine, task_id: str, user: str):
+    return await works.save_work(engine, task_id=task_id, user_id=user, kind="photography", model="m",
+                                 prompt="p", images=[IMAGE])
+
+
+async def test_a_save_after_the_refund_refuses(engine):
+    user = await _user(engine, 50)
+    await credits.charge(engine, task_id="s1", user_id=user, amount=10)
+    await credits.refund(engine, task_id="s1", user_id=user)
+    with pytest.raises(AlreadyRefunded):
+        await _save(engine, "s1", user)
+    assert await works.work_for_task(engine, "s1") is None
+    # A refund that found no charge bars the save just as well.
+    await credits.refund(engine, task_id="s2", user_id=user)
+    with pytest.raises(AlreadyRefunded):
+        await _save(engine, "s2", user)
+    assert await works.work_for_task(engine, "s2") is None
+
+
+async def test_a_work_is_saved_only_for_a_task_charged_to_its_user(engine):
+    a, b = await _user(engine, 50), await _user(engine, 50)
+    with pytest.raises(InvalidRequest, match="not charged"):
+        await _save(engine, "never-charged", a)
+    await credits.charge(engine, task_id="of-a", user_id=a, amount=10)
+    with pytest.raises(InvalidRequest, match="not charged"):
+        await _save(engine, "of-a", b)
+    work_id, replayed = await _save(engine, "of-a", a)
+    assert (await _save(engine, "of-a", a)) == (work_id, True) and replayed is False
+    assert await works.work_for_task(engine, "never-charged") is None
+
+
+async def test_a_refund_after_the_save_withdraws_the_work(engine):
+    """The save committed but the workflow never heard of it and refunded: no unpaid work is left."""
+    user = await _user(engine, 50)
+    await credits.charge(engine, task_id="s3", user_id=user, amount=10)
+    await _save(engine, "s3", user)
+    await credits.refund(engine, task_id="s3", user_id=user)
+    assert await works.work_for_task(engine, "s3") is None
+    assert await credits.task_totals(engine, "s3") == (10, 10)
+    assert await credits.balance(engine, user) == 50
 
 
 async def test_unknown_user_and_bad_amounts(engine):
@@ -121,12 +186,14 @@ async def test_concurrent_refunds_of_one_charge_refund_once(engine):
 
 
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(["charge", "refund"]), st.integers(0, 5), st.integers(0, 40)),
+@given(ops=st.lists(st.tuples(st.sampled_from(["charge", "refund", "save"]), st.integers(0, 5), st.integers(0, 40)),
                     min_size=1, max_size=25),
        start=st.integers(0, 100))
 async def test_ledger_property_balance_equals_sum_of_entries(engine, ops, start):
-    """Any sequence of (possibly repeated) charges and refunds keeps: balance = grants - charges
-    + refunds, balance >= 0, at most one charge and one refund per task, refund = charge."""
+    """Any sequence of (possibly repeated) charges, refunds and saves keeps: balance = grants -
+    charges + refunds, balance >= 0, at most one charge and one refund per task, a refund is
+    the charge or a tombstone of 0 with no charge, and a work only for a task charged and not
+    refunded."""
     user = await _user(engine, start)
     prefix = uuid.uuid4().hex[:8]
     for op, task, amount in ops:
@@ -134,10 +201,15 @@ async def test_ledger_property_balance_equals_sum_of_entries(engine, ops, start)
         if op == "charge":
             try:
                 await credits.charge(engine, task_id=task_id, user_id=user, amount=amount)
-            except (InsufficientCredits, InvalidRequest):
+            except (InsufficientCredits, InvalidRequest, AlreadyRefunded):
                 pass
-        else:
+        elif op == "refund":
             await credits.refund(engine, task_id=task_id, user_id=user)
+        else:
+            try:
+                await _save(engine, task_id, user)
+            except (AlreadyRefunded, InvalidRequest):
+                pass
     async with engine.connect() as conn:
         rows = (await conn.execute(select(ledger.c.task_id, ledger.c.entry, ledger.c.amount)
                                    .where(ledger.c.user_id == user))).all()
@@ -150,7 +222,18 @@ async def test_ledger_property_balance_equals_sum_of_entries(engine, ops, start)
     assert all(len(v) == 1 for v in per_task.values())
     for (task_id, entry), (amount,) in per_task.items():
         if entry == "refund":
-            assert per_task[(task_id, "charge")] == [-amount]
+            assert per_task.get((task_id, "charge"), [0]) == [-amount]
+    for task in {t for _, t, _ in ops}:
+        task_id = f"{prefix}-{task}"
+        charged, refunded = await credits.task_totals(engine, task_id)
+        refund_row = (task_id, "refund") in per_task
+        charge_row = (task_id, "charge") in per_task
+        assert charged - refunded in (0, charged)
+        work = await works.work_for_task(engine, task_id)
+        if work is not None:
+            assert charge_row and not refund_row
+        if refund_row and charge_row:
+            assert charged == refunded
 
 
 async def test_on_sqlite_a_reader_does_not_queue_behind_a_writer(tmp_path):
@@ -166,3 +249,27 @@ async def test_on_sqlite_a_reader_does_not_queue_behind_a_writer(tmp_path):
             assert await asyncio.wait_for(credits.balance(eng, user), timeout=10) == 40
     finally:
         await eng.dispose()
+
+
+async def test_the_activities_raise_already_refunded_as_non_retryable(engine):
+    """The charge and save activities turn the refusal into ApplicationError(type AlreadyRefunded,
+    non_retryable): retrying cannot undo a refund."""
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.credits import CreditActivities
+    from activities.works import WorkActivities
+    from atelier.messages import ChargeRequest, SaveWorkRequest
+
+    user = await _user(engine, 50)
+    await credits.refund(engine, task_id="act", user_id=user)
+    env = ActivityEnvironment()
+    with pytest.raises(ApplicationError) as charged:
+        await env.run(CreditActivities(engine).charge_credits, ChargeRequest(task_id="act", user_id=user, amount=5))
+    with pytest.raises(ApplicationError) as saved:
+        await env.run(WorkActivities(engine).save_work,
+                      SaveWorkRequest(task_id="act", user_id=user, kind="photography", model="m", images=[IMAGE]))
+    for caught in (charged, saved):
+        assert caught.value.type == "AlreadyRefunded"
+        assert caught.value.non_retryable is True
+    assert await credits.balance(engine, user) == 50

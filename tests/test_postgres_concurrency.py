@@ -8,15 +8,17 @@ CI starts it) on a fresh database built by the migrations; skipped cleanly other
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 from sqlalchemy import func, select
 
-from atelier import credits, migrate, users
+from atelier import credits, migrate, users, works
 from atelier.credits import Movement
 from atelier.db import create_engine, ledger
 from atelier.db import users as users_table
-from atelier.errors import InsufficientCredits
+from atelier.errors import AlreadyRefunded, InsufficientCredits, InvalidRequest
+from atelier.messages import StoredImage
 from tests.postgres_db import create_database, drop_database, requires_postgres
 
 CALLS = 200
@@ -142,3 +144,57 @@ async def test_200_concurrent_refunds_of_one_charge_refund_once(engine):
     assert await _stored_balance(engine, user) == BALANCE  # restored once, not 200 times
     rows = await _ledger_rows(engine, user)
     assert rows == {"grant": (1, BALANCE), "charge": (1, -7), "refund": (1, 7)}
+
+
+RACED_TASKS = 60
+COST = 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_charge_refund_and_save_racing_keep_the_ledger_invariant(engine, seed):
+    """Issue 10 #3: a task's charge, refund and save start together in a random order and
+    commit in whatever order the database gives. Whatever it is: charged - refunded is 0 or
+    the cost, a refunded task ends with nothing charged and no work, and a work exists only
+    for a task that stays charged."""
+    rng = random.Random(seed)
+    user = await _user_with(engine, RACED_TASKS * COST)
+    image = StoredImage(key="b" * 64 + ".png", content_type="image/png", width=1, height=1, size=1)
+    refunded_tasks = {f"race-{seed}-{i}" for i in range(RACED_TASKS) if rng.random() < 0.8}
+
+    async def after(delay_s: float, call):
+        await asyncio.sleep(delay_s)
+        try:
+            return await call()
+        except (AlreadyRefunded, InvalidRequest) as refused:  # refused: the allowed outcomes
+            return refused
+
+    calls = []
+    for i in range(RACED_TASKS):
+        task_id = f"race-{seed}-{i}"
+        calls.append(after(rng.uniform(0, 0.02), lambda t=task_id: credits.charge(
+            engine, task_id=t, user_id=user, amount=COST)))
+        calls.append(after(rng.uniform(0, 0.02), lambda t=task_id: works.save_work(
+            engine, task_id=t, user_id=user, kind="photography", model="m", prompt="", images=[image])))
+        if task_id in refunded_tasks:
+            calls.append(after(rng.uniform(0, 0.02), lambda t=task_id: credits.refund(
+                engine, task_id=t, user_id=user, reason="failed")))
+    rng.shuffle(calls)
+    outcomes = await asyncio.gather(*calls)
+    assert not [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, AlreadyRefunded | InvalidRequest)]
+
+    net_charged = 0
+    for i in range(RACED_TASKS):
+        task_id = f"race-{seed}-{i}"
+        charged, refunded = await credits.task_totals(engine, task_id)
+        assert charged - refunded in (0, COST), task_id
+        work = await works.work_for_task(engine, task_id)
+        if task_id in refunded_tasks:
+            assert charged == refunded, f"{task_id}: charged {charged}, refunded {refunded}"
+            assert work is None, task_id
+        elif work is not None:
+            assert charged - refunded == COST, task_id
+        net_charged += charged - refunded
+    assert await _stored_balance(engine, user) == RACED_TASKS * COST - net_charged
+    # The refunds that ran before their charge did happen somewhere in these runs.
+    rows = await _ledger_rows(engine, user)
+    assert rows["refund"][0] == len(refunded_tasks)
