@@ -28,4 +28,9 @@ class ModelActivities:
         if not ranked:
             return ModelChoice()
         best = ranked[0]
-        return ModelChoice(model=best.name, provider=best.provider, priority=best.priority)
+        declared = best.max_concurrent is not None or best.per_minute is not None
+        return ModelChoice(model=best.name, provider=best.provider, priority=best.priority,
+                           max_concurrent=best.max_concurrent, per_minute=best.per_minute,
+                           # The local compositor has no provider behind it: nothing to queue for
+                           # unless a quota is declared (tests and benchmarks do).
+                           admission=declared or best.provider != "local")

@@ -17,6 +17,9 @@ from atelier.providers.base import PROVIDER_NAMES
 from atelier.settings import Settings
 
 ALL_KINDS = [kind.value for kind in Kind]
+# Optional quota fields of an entry, and their upper bound (a typo of 1e9 is not a quota).
+QUOTA_FIELDS = ("max_concurrent", "per_minute")
+MAX_QUOTA = 100_000
 
 
 class CatalogueError(ValueError):
@@ -30,6 +33,9 @@ class ModelEntry:
     priority: int
     cost: int
     kinds: list[str] = field(default_factory=lambda: list(ALL_KINDS))
+    # The provider's quota for this model, across every worker and host (None: not declared).
+    max_concurrent: int | None = None
+    per_minute: int | None = None
 
 
 def default_catalogue(provider: str) -> list[ModelEntry]:
@@ -78,7 +84,7 @@ def _entry(item: Any, where: str) -> ModelEntry:
     if not isinstance(name, str) or not name.strip():
         raise CatalogueError(f"{where}: 'name' must be a non-empty string")
     where = f"{where} ({name!r})"
-    unknown = set(item) - {"name", "provider", "priority", "cost", "kinds", "comment"}
+    unknown = set(item) - {"name", "provider", "priority", "cost", "kinds", "comment", *QUOTA_FIELDS}
     if unknown:
         raise CatalogueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     provider = item.get("provider")
@@ -94,8 +100,15 @@ def _entry(item: Any, where: str) -> ModelEntry:
     kinds = item.get("kinds", ALL_KINDS)
     if not isinstance(kinds, list) or not kinds or any(kind not in ALL_KINDS for kind in kinds):
         raise CatalogueError(f"{where}: 'kinds' must be a non-empty list of {', '.join(ALL_KINDS)}, not {kinds!r}")
+    quotas = {}
+    for key in QUOTA_FIELDS:
+        value = item.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_QUOTA):
+            raise CatalogueError(f"{where}: {key!r} must be a whole number from 1 to {MAX_QUOTA} (or absent), "
+                                 f"not {value!r}")
+        quotas[key] = value
     return ModelEntry(name=name.strip(), provider=provider, priority=numbers["priority"],
-                      cost=numbers["cost"], kinds=list(dict.fromkeys(kinds)))
+                      cost=numbers["cost"], kinds=list(dict.fromkeys(kinds)), **quotas)
 
 
 def rank(entries: Iterable[ModelEntry], kind: str, exclude: set[str], unhealthy: set[str]) -> list[ModelEntry]:

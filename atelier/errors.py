@@ -68,3 +68,10 @@ class AlreadyRefunded(AtelierError):
     """The task was refunded (or its refund ran first and left a tombstone): it can no longer be
     charged, nor its work saved. Retrying cannot change that."""
     code = ErrorCode.ALREADY_REFUNDED.value
+
+
+class ProviderBusy(AtelierError):
+    """The provider answered 429 / RESOURCE_EXHAUSTED: over its quota, not broken. Not retried
+    by the activity: the workflow waits (`retry_after_s` when the provider said) and asks again,
+    without spending an attempt or falling back to another model."""
+    code = ErrorCode.PROVIDER_BUSY.value

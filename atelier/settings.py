@@ -66,7 +66,6 @@ class Settings(BaseSettings):
     gemini_timeout_s: float = Field(default=180.0, gt=0)
     admission_aging_s: float = Field(default=120.0, ge=0)
     admission_check_s: float = Field(default=30.0, gt=0)
-    provider_busy_max_wait_s: float = Field(default=60.0, gt=0)
 
     # --- activity timeouts (seconds)
     short_timeout_s: float = Field(default=10.0, gt=0)
@@ -166,7 +165,6 @@ DESCRIPTIONS = {
     "gemini_timeout_s": "seconds one Gemini call may take",
     "admission_aging_s": "seconds a generation waits for a model slot before it moves up one priority lane (0: never)",
     "admission_check_s": "how often a model's admission workflow checks that slot holders still run",
-    "provider_busy_max_wait_s": "longest single wait after a provider's 429 (its Retry-After is honoured up to this)",
     "short_timeout_s": "start-to-close timeout of charge, refund, select_model and save_work",
     "download_timeout_s": "start-to-close timeout of download_and_convert",
     "download_heartbeat_s": "heartbeat timeout of download_and_convert",

@@ -95,3 +95,31 @@ def test_kinds_default_to_both(tmp_path):
     path = _write(tmp_path, [{"name": "m", "provider": "local", "priority": 3, "cost": 0}])
     [entry] = load_catalogue(Settings(model_catalogue=path))
     assert entry == ModelEntry("m", "local", 3, 0, ["photography", "fitting"])
+
+
+def test_quota_fields_are_optional_and_loaded(tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [
+        {"name": "a", "provider": "gemini", "priority": 1, "cost": 1, "max_concurrent": 4, "per_minute": 60},
+        {"name": "b", "provider": "gemini", "priority": 2, "cost": 1},
+    ]}))
+    a, b = load_catalogue(Settings(ai_provider="local", model_catalogue=path))
+    assert (a.max_concurrent, a.per_minute) == (4, 60)
+    assert (b.max_concurrent, b.per_minute) == (None, None)
+    example = load_catalogue(Settings(ai_provider="local", model_catalogue=EXAMPLE))
+    assert example[0].max_concurrent == 10 and example[0].per_minute == 100
+
+
+@pytest.mark.parametrize("field,value", [("max_concurrent", 0), ("max_concurrent", -2), ("per_minute", "10"),
+                                         ("per_minute", 1.5), ("max_concurrent", True),
+                                         ("per_minute", 10**9)])
+def test_a_bad_quota_is_refused_naming_file_entry_and_field(tmp_path, field, value):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [
+        {"name": "ok", "provider": "gemini", "priority": 1, "cost": 1},
+        {"name": "quota-model", "provider": "gemini", "priority": 1, "cost": 1, field: value},
+    ]}))
+    with pytest.raises(CatalogueError) as err:
+        load_catalogue(Settings(ai_provider="local", model_catalogue=path))
+    message = str(err.value)
+    assert str(path) in message and "entry 2" in message and "'quota-model'" in message and repr(field) in message

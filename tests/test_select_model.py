@@ -58,3 +58,18 @@ async def test_only_models_of_configured_providers(engine):
     both = activities(engine, providers={"local", "gemini"})
     choice = await both.select_model(SelectModelRequest(kind="photography"))
     assert (choice.model, choice.provider) == ("offline", "local")
+
+
+async def test_the_choice_carries_the_declared_quota_and_whether_calls_queue(engine):
+    catalogue = [ModelEntry("quota", "gemini", 1, 1, ["photography"], max_concurrent=4, per_minute=30),
+                 ModelEntry("free", "gemini", 2, 1, ["photography"]),
+                 ModelEntry("local-quota", "local", 3, 0, ["photography"], max_concurrent=2),
+                 ModelEntry("local", "local", 4, 0, ["photography"])]
+    a = ModelActivities(engine, catalogue, failure_threshold=3, failure_window_s=300,
+                        available_providers={"gemini", "local"})
+    choices = []
+    for exclude in ([], ["quota"], ["quota", "free"], ["quota", "free", "local-quota"]):
+        choices.append(await a.select_model(SelectModelRequest(kind="photography", exclude=exclude)))
+    assert [(c.model, c.max_concurrent, c.per_minute, c.admission) for c in choices] == [
+        ("quota", 4, 30, True), ("free", None, None, True),  # undeclared: learned from 429s
+        ("local-quota", 2, None, True), ("local", None, None, False)]

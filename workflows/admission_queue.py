@@ -140,7 +140,7 @@ class Admission:
             return False
         if outcome == "busy":
             self._learn_busy(holder)
-        elif outcome == "ok":
+        elif outcome in ("ok", "succeeded"):
             if duration_s is not None and duration_s >= 0:
                 durations = self.state.durations
                 durations.append(duration_s)

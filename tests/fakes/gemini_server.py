@@ -12,6 +12,12 @@ process can call it by `url`), records every request, and answers as scripted:
 
 From another process: `python -m tests.fakes.gemini_server --port 0 --delay 2` prints its URL;
 `RemoteFakeGemini(url)` plans replies and reads requests through the `/_fake/...` endpoints.
+
+Quota mode stands in for a provider's quota: at most `max_in_flight` calls are served at once,
+each taking `call_s`; a call beyond that is answered 429 RESOURCE_EXHAUSTED with Retry-After.
+`fake.quota_stats()` tells the most calls ever in flight and how many 429s were answered:
+
+    fake.set_quota(max_in_flight=4, call_s=2.0, retry_after="1")
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Reply:
     message: str = ""
     reason: str = ""
     text: str = ""
+    retry_delay: str | None = None  # status: a google.rpc.RetryInfo retryDelay in the body ("27s")
     delay_s: float = 0.0
     image_count: int = 1
     derived: bool = True  # ok: the image is made from the first input image when there is one
@@ -72,9 +79,10 @@ class Reply:
         return cls("ok", image_count=image_count, derived=derived, snake_case=snake_case, text=text, delay_s=delay_s)
 
     @classmethod
-    def status(cls, code: int, *, retry_after: float | str | None = None, message: str = "") -> Reply:
+    def status(cls, code: int, *, retry_after: float | str | None = None, message: str = "",
+               retry_delay: str | None = None) -> Reply:
         return cls("status", status=code, retry_after=None if retry_after is None else str(retry_after),
-                   message=message or f"fake error {code}")
+                   message=message or f"fake error {code}", retry_delay=retry_delay)
 
     @classmethod
     def blocked(cls, reason: str = "SAFETY") -> Reply:
@@ -148,6 +156,28 @@ class RecordedRequest:
         return asdict(self)
 
 
+@dataclass
+class Quota:
+    """Quota mode: at most `max_in_flight` calls at once, each `call_s` long; 429 beyond."""
+
+    max_in_flight: int = 1
+    call_s: float = 0.0
+    retry_after: str | None = "1"
+
+
+@dataclass
+class QuotaStats:
+    in_flight: int = 0
+    max_in_flight_seen: int = 0
+    busy_answers: int = 0
+    served: int = 0
+    # (time.time(), calls in flight) at every change, for charts; bounded.
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+
+
+_TIMELINE_KEPT = 200_000
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # benchmarks open many connections at once
@@ -173,6 +203,8 @@ class FakeGemini:
         self._plans: dict[str, deque[Reply]] = defaultdict(deque)
         self._requests: list[RecordedRequest] = []
         self._stopping = threading.Event()
+        self._quota: Quota | None = None
+        self._stats = QuotaStats()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -224,6 +256,39 @@ class FakeGemini:
         """Queue replies for `model`, answered in order; afterwards `default` answers."""
         with self._lock:
             self._plans[model].extend(replies)
+
+    def set_quota(self, max_in_flight: int | None, call_s: float = 0.0, retry_after: str | None = "1") -> None:
+        """Turn quota mode on (or off with None); its counters start again from zero."""
+        with self._lock:
+            self._quota = None if max_in_flight is None else Quota(max_in_flight, call_s, retry_after)
+            self._stats = QuotaStats()
+
+    def quota_stats(self) -> QuotaStats:
+        with self._lock:
+            return replace(self._stats, timeline=list(self._stats.timeline))
+
+    def _enter_quota(self) -> tuple[bool, Quota | None]:
+        """(admitted, quota): a call is admitted when quota mode is off or a place is free."""
+        with self._lock:
+            quota, stats = self._quota, self._stats
+            if quota is None:
+                return True, None
+            if stats.in_flight >= quota.max_in_flight:
+                stats.busy_answers += 1
+                return False, quota
+            stats.in_flight += 1
+            stats.served += 1
+            stats.max_in_flight_seen = max(stats.max_in_flight_seen, stats.in_flight)
+            if len(stats.timeline) < _TIMELINE_KEPT:
+                stats.timeline.append((time.time(), stats.in_flight))
+            return True, quota
+
+    def _leave_quota(self) -> None:
+        with self._lock:
+            stats = self._stats
+            stats.in_flight -= 1
+            if len(stats.timeline) < _TIMELINE_KEPT:
+                stats.timeline.append((time.time(), stats.in_flight))
 
     def pending(self, model: str) -> int:
         with self._lock:
@@ -360,6 +425,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"ok": True})
         elif path == "/_fake/requests":
             self._send_json(200, {"requests": [r.to_dict() for r in fake.requests]})
+        elif path == "/_fake/quota":
+            self._send_json(200, asdict(fake.quota_stats()))
         else:
             self._error(404, f"no such path {path}")
 
@@ -400,10 +467,21 @@ class _Handler(BaseHTTPRequestHandler):
             fake._record(record)
             return self._error(400, "Invalid JSON payload received.")
 
+        admitted, quota = fake._enter_quota()
+        if not admitted:
+            record.reply = "quota"
+            fake._record(record)
+            headers = {"Retry-After": quota.retry_after} if quota.retry_after is not None else None
+            return self._error(429, "Resource has been exhausted (e.g. check quota).", headers)
         reply = fake._next_reply(model)
         record.reply = reply.kind
         fake._record(record)
-        self._play(reply, model, body)
+        if quota is None:
+            return self._play(reply, model, body)
+        try:
+            self._play(replace(reply, delay_s=max(reply.delay_s, quota.call_s)), model, body)
+        finally:
+            fake._leave_quota()
 
     def _play(self, reply: Reply, model: str, body: dict[str, Any]) -> None:
         stopping = self.server.fake._stopping
@@ -423,6 +501,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_bytes(200, b'{"candidates": [{"content": {"parts": [ <html>oops')
         if reply.kind == "status":
             headers = {"Retry-After": reply.retry_after} if reply.retry_after is not None else None
+            if reply.retry_delay is not None:
+                return self._send_json(reply.status, {"error": {
+                    "code": reply.status, "message": reply.message, "status": _STATUS_NAMES.get(reply.status, "UNKNOWN"),
+                    "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                 "retryDelay": reply.retry_delay}]}}, headers)
             return self._error(reply.status, reply.message, headers)
         usage = {"promptTokenCount": 12, "candidatesTokenCount": 0, "totalTokenCount": 12}
         if reply.kind == "blocked":
@@ -458,6 +541,9 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.default = Reply.from_dict(payload["reply"])
             elif path == "/_fake/clear":
                 fake.clear()
+            elif path == "/_fake/quota":
+                fake.set_quota(payload.get("max_in_flight"), float(payload.get("call_s", 0.0)),
+                               payload.get("retry_after", "1"))
             else:
                 return self._error(404, f"no such control path {path}")
         except (KeyError, TypeError, ValueError) as exc:
@@ -482,6 +568,16 @@ class RemoteFakeGemini:
     def clear(self) -> None:
         self._client.post("/_fake/clear").raise_for_status()
 
+    def set_quota(self, max_in_flight: int | None, call_s: float = 0.0, retry_after: str | None = "1") -> None:
+        self._client.post("/_fake/quota", json={"max_in_flight": max_in_flight, "call_s": call_s,
+                                                "retry_after": retry_after}).raise_for_status()
+
+    def quota_stats(self) -> QuotaStats:
+        response = self._client.get("/_fake/quota")
+        response.raise_for_status()
+        data = response.json()
+        return QuotaStats(**{**data, "timeline": [tuple(p) for p in data["timeline"]]})
+
     def requests(self) -> list[dict[str, Any]]:
         response = self._client.get("/_fake/requests")
         response.raise_for_status()
@@ -497,9 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--api-key", default=None, help="the key to expect; default: any non-empty key")
+    parser.add_argument("--quota", type=int, default=None, help="quota mode: at most this many calls at once")
+    parser.add_argument("--retry-after", default="1", help="quota mode: the Retry-After of its 429s")
     args = parser.parse_args(argv)
 
     fake = FakeGemini(api_key=args.api_key, host=args.host, port=args.port, default=Reply.ok(delay_s=args.delay))
+    if args.quota is not None:
+        fake.set_quota(args.quota, args.delay, args.retry_after)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
