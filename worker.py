@@ -36,6 +36,7 @@ from atelier.blobstore import BlobStore
 from atelier.catalogue import ModelEntry, load_catalogue
 from atelier.db import create_engine
 from atelier.downloader import Downloader, UrlGuard, build_http_client
+from atelier.links import signer_from
 from atelier.providers import build_providers
 from atelier.providers.base import Provider
 from atelier.settings import Settings, load_settings
@@ -106,7 +107,8 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
         admission.check_holders,
         NotifyActivities(deps.downloader,
                          secret=s.webhook_secret.get_secret_value() if s.webhook_secret else None,
-                         base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}").notify,
+                         base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}",
+                         links=signer_from(s)).notify,
     ]
     common = dict(
         workflow_task_poller_behavior=PollerBehaviorAutoscaling(),

@@ -14,28 +14,34 @@ from activities.errors import to_application_error
 from atelier.downloader import Downloader
 from atelier.errors import AtelierError, UrlRefused
 from atelier.messages import NotifyRequest, NotifyResult
+from atelier.links import LinkSigner
 from atelier.representation import generation_object, view_of_result
 
 
-def render_body(req: NotifyRequest, base_url: str) -> str:
+def render_body(req: NotifyRequest, base_url: str, links: LinkSigner | None = None) -> str:
+    """The webhook body: the same generation object GET answers, with signed image links (made
+    at delivery, valid ATELIER_URL_TTL_S) when a signing secret is set."""
     view = view_of_result(req.result, created_at=req.created_at or None, completed_at=req.completed_at or None)
-    return json.dumps({"type": f"generation.{view.status}", "data": generation_object(view, base_url=base_url)},
-                      separators=(",", ":"), sort_keys=True)
+    image_url = (lambda key: links.sign(base_url, key, req.user_id)) if links is not None else None
+    data = generation_object(view, base_url=base_url, image_url=image_url)
+    return json.dumps({"type": f"generation.{view.status}", "data": data}, separators=(",", ":"), sort_keys=True)
 
 
 class NotifyActivities:
-    def __init__(self, sender: Downloader, *, secret: str | None, base_url: str) -> None:
+    def __init__(self, sender: Downloader, *, secret: str | None, base_url: str,
+                 links: LinkSigner | None = None) -> None:
         # The guarded downloader sends webhooks too: same URL guard, pinned to the checked address.
         self.sender = sender
         self.signer = Webhook(secret) if secret else None
         self.base_url = base_url
+        self.links = links
 
     @activity.defn
     async def notify(self, req: NotifyRequest) -> NotifyResult:
         if self.signer is None:
             raise ApplicationError("ATELIER_WEBHOOK_SECRET is not set on the worker: webhooks cannot be signed",
                                    type="WebhookNotConfigured", non_retryable=True)
-        body = render_body(req, self.base_url)
+        body = render_body(req, self.base_url, self.links)
         msg_id = f"msg_{req.task_id}"  # the same id on every retry: receivers deduplicate on it
         now = datetime.now(timezone.utc)
         headers = {

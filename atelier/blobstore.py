@@ -7,6 +7,7 @@ so a retried activity never duplicates an image. Writes are atomic (temp file + 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 CONTENT_TYPES = {ext: ctype for ctype, ext in _EXTENSIONS.items()}
 _KEY = re.compile(r"^[0-9a-f]{64}\.(jpg|png|webp)$")
+# Widths of the thumbnails kept beside a blob (see atelier/thumbnails.py); deleting a blob deletes them.
+THUMBNAIL_WIDTHS = (256, 512, 1024)
 
 
 class BlobNotFound(KeyError):
@@ -70,6 +73,43 @@ class BlobStore:
 
     async def put(self, data: bytes, content_type: str) -> str:
         return await asyncio.to_thread(self._put_sync, data, content_type)
+
+    def _write_sync(self, final: Path, data: bytes) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def thumbnail_key(key: str, width: int) -> str:
+        """Where the `width`-wide thumbnail of `key` is cached: derived from the key, not the bytes,
+        so it is found without making it, and deleted with its blob."""
+        content_type_of(key)
+        ext = key.rsplit(".", 1)[1]
+        return f"{hashlib.sha256(f'thumbnail:{width}:{key}'.encode()).hexdigest()}.{ext}"
+
+    async def put_thumbnail(self, key: str, width: int, data: bytes) -> None:
+        await asyncio.to_thread(self._write_sync, self.path(self.thumbnail_key(key, width)), data)
+
+    def _delete_sync(self, key: str) -> bool:
+        existed = False
+        for name in (key, *(self.thumbnail_key(key, w) for w in THUMBNAIL_WIDTHS)):
+            try:
+                self.path(name).unlink()
+                existed = existed or name == key
+            except FileNotFoundError:
+                pass
+        return existed
+
+    async def delete(self, key: str) -> bool:
+        """Remove a blob and its thumbnails; True if the blob was there. Callers check references first."""
+        return await asyncio.to_thread(self._delete_sync, key)
 
     def _get_sync(self, key: str) -> bytes:
         try:

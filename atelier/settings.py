@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     webhook_secret: SecretStr | None = None
     idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
+    url_signing_secret: SecretStr | None = None
+    url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    # --- retention
+    input_retention_hours: float = Field(default=24.0, gt=0)
+    retention_interval_s: float = Field(default=900.0, ge=10)
 
     @field_validator("ai_provider")
     @classmethod
@@ -109,6 +115,15 @@ class Settings(BaseSettings):
                 raise ValueError
         except (binascii.Error, ValueError):
             raise ValueError("must be 'whsec_' followed by base64 of at least 16 random bytes") from None
+        return v
+
+    @field_validator("url_signing_secret")
+    @classmethod
+    def _signing_secret_is_long(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        if len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters of random text (e.g. `openssl rand -base64 32`)")
         return v
 
     @field_validator("database_url")
@@ -180,6 +195,12 @@ DESCRIPTIONS = {
     "admin_token": "bearer token of the /v1/admin routes (unset: they answer 403)",
     "webhook_secret": "Standard Webhooks signing secret, `whsec_` + base64 (unset: webhooks fail)",
     "idempotency_ttl_hours": "how long an Idempotency-Key is remembered (at least 24)",
+    "url_signing_secret": "HMAC key of the signed image links in answers and webhooks, 32+ characters "
+                          "(unset: image links need the API key)",
+    "url_ttl_s": "seconds a signed image link stays valid",
+    "input_retention_hours": "input images (uploads and downloaded inputs) are deleted this long after the "
+                             "generation that used them ended (unused uploads: after their upload)",
+    "retention_interval_s": "how often the retention schedule runs its clean-up workflow",
 }
 for _name, _text in DESCRIPTIONS.items():
     Settings.model_fields[_name].description = _text

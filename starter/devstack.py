@@ -48,18 +48,26 @@ def temporal_command(var: Path, host: str, port: int, ui_port: int) -> list[str]
 
 
 def dev_secrets(var: Path) -> dict[str, str]:
-    """On one machine, make the admin token and webhook secret once and keep them in var/,
-    so `make run` works with no set-up. Values already in the environment win."""
+    """On one machine, make the admin token, the webhook secret and the image-link signing secret
+    once and keep them in var/, so `make run` works with no set-up. Values already in the
+    environment win; a file from an older version gets the secrets it lacks added."""
     import base64
     import secrets
 
+    makers = {
+        "ATELIER_ADMIN_TOKEN": lambda: secrets.token_urlsafe(24),
+        "ATELIER_WEBHOOK_SECRET": lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+        "ATELIER_URL_SIGNING_SECRET": lambda: secrets.token_urlsafe(32),
+    }
     path = var / "dev-secrets.env"
-    if not path.exists():
-        token = secrets.token_urlsafe(24)
-        whsec = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        path.write_text(f"ATELIER_ADMIN_TOKEN={token}\nATELIER_WEBHOOK_SECRET={whsec}\n")
+    values = {}
+    if path.exists():
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    missing = {name: make() for name, make in makers.items() if not values.get(name)}
+    if missing or not path.exists():
+        values.update(missing)
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         path.chmod(0o600)
-    values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
     return {k: v for k, v in values.items() if not os.environ.get(k)}
 
 
@@ -80,7 +88,7 @@ def main() -> int:
     env.update(generated)
     os.environ.update(generated)
     if generated:
-        print(f"[run] admin token and webhook secret: {var / 'dev-secrets.env'} "
+        print(f"[run] admin token, webhook and image-link secrets: {var / 'dev-secrets.env'} "
               "(export ATELIER_ADMIN_TOKEN from it to use `atelier users create`)", flush=True)
     procs: dict[str, subprocess.Popen] = {}
     stopping = False

@@ -42,7 +42,7 @@ from atelier.messages import (
     StoredImage,
     Timeouts,
 )
-from atelier.representation import GenerationView, view_of_result
+from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
 from atelier.validation import validate_request
 from workflows.generation import PERCENT, GenerationWorkflow
@@ -205,7 +205,8 @@ async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationStat
         attempt=p.attempt,
         error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
         created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
-        work_id=p.work_id, images=_stored(p.images),
+        work_id=p.work_id, images=_stored(p.images), attempts=attempts_of(p.attempts), error_stage=p.error_stage,
+        retryable=p.retryable,
     )
     return GenerationState(view, user_id, True, "query")
 

@@ -144,6 +144,8 @@ def settings_env(settings: Settings, temporal_address: str, port: int) -> dict[s
         env["ATELIER_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
     if settings.webhook_secret:
         env["ATELIER_WEBHOOK_SECRET"] = settings.webhook_secret.get_secret_value()
+    if settings.url_signing_secret:
+        env["ATELIER_URL_SIGNING_SECRET"] = settings.url_signing_secret.get_secret_value()
     return env
 
 

@@ -95,6 +95,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         ai_task_queue=f"ai-{uuid.uuid4().hex[:12]}",
         webhook_secret="whsec_" + "dGVzdC1zZWNyZXQtMTIzNDU2Nzg5MA==",
         admin_token="admin-test-token",
+        url_signing_secret="test-url-signing-secret-0123456789abcdef",
     )
     values.update(overrides)
     return Settings(**values)

@@ -67,7 +67,7 @@ async def test_two_users_cannot_reach_each_others_things(api: Api):
     assert done["status"] == "completed"
     work_id = done["result"]["work_id"]
     output = done["result"]["images"][0]["url"]
-    output_path = output[output.index("/v1/files/"):]
+    output_path = "/v1/files/" + output.split("?", 1)[0].rsplit("/", 1)[1]
 
     unknown = await api.http.get("/v1/generations/gen_does_not_exist", headers=bob)
     assert unknown.status_code == 404

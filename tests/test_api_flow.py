@@ -38,7 +38,8 @@ async def test_whole_flow_create_user_pay_upload_generate_download(api: Api):
 
     # The output image, fetched through the API and decoded.
     url = images[0]["url"]
-    path = url[url.index("/v1/files/"):]
+    assert "/v1/images/" in url and "sig=" in url  # a signed link
+    path = "/v1/files/" + url.split("?", 1)[0].rsplit("/", 1)[1]
     fetched = await api.http.get(path, headers=auth)
     assert fetched.status_code == 200
     assert fetched.headers["content-type"] == images[0]["content_type"]

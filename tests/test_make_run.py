@@ -102,7 +102,7 @@ def test_make_run_serves_restarts_a_dead_worker_and_stops_on_ctrl_c(tmp_path):
 
         done = cli(env, "submit", "--kind", "photography", "--image", str(photo), "--wait", "--timeout", "60")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "completed" in done.stdout and "/v1/files/" in done.stdout
+        assert "completed" in done.stdout and "/v1/images/" in done.stdout
 
         # Kill the worker: the supervisor restarts it and the API keeps serving meanwhile.
         mark = len(out.lines)

@@ -58,6 +58,7 @@ def _new_secrets() -> dict[str, str]:
         "gemini key": "AIza" + secrets.token_urlsafe(30),
         "webhook secret": "whsec_" + base64.b64encode(raw).decode(),
         "webhook secret body": base64.b64encode(raw).decode(),
+        "url signing secret": "url-" + secrets.token_urlsafe(32),
     }
 
 
@@ -117,7 +118,8 @@ async def sec(temporal_env, tmp_path_factory):
         fake = stack.enter_context(FakeGemini(api_key=found["gemini key"]))
         settings = make_settings(root, ai_provider="gemini", gemini_api_key=found["gemini key"],
                                  gemini_base_url=fake.url, admin_token=found["admin token"],
-                                 webhook_secret=found["webhook secret"], **FAST)
+                                 webhook_secret=found["webhook secret"],
+                                 url_signing_secret=found["url signing secret"], **FAST)
         logs = stack.enter_context(capture_logs())
         deps = build_dependencies(settings)
         stack.push_async_callback(deps.aclose)
@@ -165,7 +167,7 @@ async def test_a_second_users_key_never_reaches_the_first_users_things(sec: Sec)
         done = await world.wait_terminal(alice, done_id, timeout=60)
         assert done["status"] == "completed", done
         work_id = done["result"]["work_id"]
-        output_key = done["result"]["images"][0]["url"].rsplit("/", 1)[1]
+        output_key = done["result"]["images"][0]["url"].split("?", 1)[0].rsplit("/", 1)[1]
         # One of Alice's generations stays running while Bob tries to cancel it.
         fake.plan(PRIMARY, [Reply.hang()])
         running_id = await _start(world, alice, {"kind": "photography", "images": [{"file_id": file_id}],

@@ -10,6 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from atelier.blobstore import BlobStore
+from atelier.links import LinkSigner, signer_from
+from atelier.representation import ImageUrl, file_url
 from atelier.settings import Settings
 from starter.api.errors import ApiError
 from starter.api.keycache import KeyCache
@@ -25,6 +27,19 @@ class ApiContext:
     metrics: Metrics
     cursor_key: bytes
     keys: KeyCache = field(default_factory=KeyCache)
+    links: LinkSigner | None = None
+
+    def __post_init__(self) -> None:
+        if self.links is None:
+            self.links = signer_from(self.settings)
+
+    def image_url(self, request: Request, owner: str) -> ImageUrl:
+        """How `owner`'s images are linked in answers: fresh signed links, or the bearer route."""
+        base = self.base_url(request)
+        if self.links is None:
+            return lambda key: file_url(base, key)
+        links = self.links
+        return lambda key: links.sign(base, key, owner)
 
     def base_url(self, request: Request) -> str:
         """Where clients reach this API: the configured public URL, or the one they used."""

@@ -4,12 +4,15 @@ a file may read it; anyone else gets the same 404 as for a file that does not ex
 from __future__ import annotations
 
 
-from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
+import time
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 
 from atelier import works
-from atelier.blobstore import BlobNotFound, InvalidBlobKey, content_type_of
+from atelier.blobstore import THUMBNAIL_WIDTHS, BlobNotFound, InvalidBlobKey, content_type_of
 from atelier.errors import BadImage
 from atelier.images import store_image
+from atelier.links import LinkRefused
+from atelier.thumbnails import thumbnail
 from starter.api.auth import current_user
 from starter.api.context import ApiContext, context
 from starter.api.errors import ApiError, not_found
@@ -20,6 +23,19 @@ router = APIRouter(tags=["files"], responses={s: {"model": ErrorResponse} for s 
 # Blob keys are content hashes: a key's bytes never change.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_RESPONSES = {
+    200: {"description": "the image", "content": {t: IMAGE_CONTENT for t in ("image/jpeg", "image/png", "image/webp")}},
+    304: {"description": "not modified (If-None-Match)"},
+}
+WIDTH_QUERY = Query(default=None, json_schema_extra={"enum": list(THUMBNAIL_WIDTHS)},
+                    description="a thumbnail this many pixels wide (256, 512 or 1024; the image itself when it "
+                                "is not wider)")
+
+
+def _width(w: int | None) -> int | None:
+    if w is not None and w not in THUMBNAIL_WIDTHS:
+        raise ApiError(422, "InvalidRequest", f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}")
+    return w
 
 
 @router.post("/v1/uploads", status_code=201, response_model=Upload, summary="Upload one image (multipart)",
@@ -55,30 +71,66 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return False
 
 
-@router.get(
-    "/v1/files/{key}", response_class=Response, summary="Download an image you own",
-    responses={200: {"description": "the image", "content": {t: IMAGE_CONTENT for t in
-                                                            ("image/jpeg", "image/png", "image/webp")}},
-               304: {"description": "not modified (If-None-Match)"}},
-)
+async def _image(ctx: ApiContext, request: Request, key: str, width: int | None, cache_control: str) -> Response:
+    etag = f'"{key.split(".", 1)[0]}{f"-w{width}" if width else ""}"'
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    try:
+        data = await (thumbnail(ctx.blobs, key, width) if width else ctx.blobs.get(key))
+    except BlobNotFound:
+        raise not_found("no such file") from None
+    return Response(data, media_type=content_type_of(key), headers={**headers, "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/v1/files/{key}", response_class=Response, summary="Download an image you own",
+            responses=IMAGE_RESPONSES)
 async def get_file(
     key: str,
     request: Request,
+    w: int | None = WIDTH_QUERY,
     user_id: str = Depends(current_user),
     ctx: ApiContext = Depends(context),
 ) -> Response:
     try:
-        content_type = content_type_of(key)
+        content_type_of(key)
     except InvalidBlobKey:
         raise not_found("no such file") from None
     if not await works.owns_blob(ctx.engine, user_id=user_id, blob_key=key):
         raise not_found("no such file")
-    etag = f'"{key.split(".", 1)[0]}"'
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
-    if _etag_matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
+    return await _image(ctx, request, key, _width(w), CACHE_CONTROL)
+
+
+@router.get(
+    "/v1/images/{key}", response_class=Response, openapi_extra={"security": []},
+    summary="Load an image through a signed link (no API key)",
+    description="The links in `result.images[].url` and in works: signed (ATELIER_URL_SIGNING_SECRET) and "
+                "valid for ATELIER_URL_TTL_S seconds. An altered or expired link answers 403; GET the "
+                "generation or work again for a fresh one. Append `&w=256` (512, 1024) for a thumbnail.",
+    responses={**IMAGE_RESPONSES, 403: {"model": ErrorResponse, "description": "altered or expired link"}},
+)
+async def get_signed_image(
+    key: str,
+    request: Request,
+    owner: str = Query(default="", max_length=64, description="part of the signed link"),
+    expires: str = Query(default="", max_length=12, description="part of the signed link: Unix time"),
+    sig: str = Query(default="", max_length=64, description="part of the signed link: the HMAC"),
+    w: int | None = WIDTH_QUERY,
+    ctx: ApiContext = Depends(context),
+) -> Response:
+    if ctx.links is None:
+        raise ApiError(403, "LinksDisabled",
+                       "signed image links are disabled on this server (no ATELIER_URL_SIGNING_SECRET): "
+                       "use /v1/files/{key} with your API key")
     try:
-        data = await ctx.blobs.get(key)
-    except BlobNotFound:
-        raise not_found("no such file") from None
-    return Response(data, media_type=content_type, headers={**headers, "X-Content-Type-Options": "nosniff"})
+        content_type_of(key)
+        ctx.links.verify(key, owner, expires, sig)
+    except InvalidBlobKey:
+        raise ApiError(403, "BadSignature", "this image link is malformed or was altered") from None
+    except LinkRefused as refused:
+        raise ApiError(403, refused.code, refused.message) from None
+    # Deleted by its owner: the link dies with it, even if someone else holds the same bytes.
+    if not await works.owns_blob(ctx.engine, user_id=owner, blob_key=key):
+        raise not_found("no such file: it was deleted")
+    remaining = max(0, int(expires) - int(time.time()))
+    return await _image(ctx, request, key, _width(w), f"private, max-age={remaining}")

@@ -185,7 +185,7 @@ async def get_generation(
     state = await service.read_generation(ctx.client, task_id, engine=ctx.engine) if _plausible_id(task_id) else None
     if state is None or state.user_id != user_id:
         raise not_found(f"no generation {task_id!r}" if _plausible_id(task_id) else "no such generation")
-    return generation_object(state.view, base_url=ctx.base_url(request))
+    return generation_object(state.view, image_url=ctx.image_url(request, user_id))
 
 
 @router.post("/{task_id}/cancel", status_code=202, response_model=GenerationAccepted,

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from fastapi import APIRouter, Depends, Query, Request
 
 from atelier import credits, works
-from atelier.representation import file_url
+from atelier.representation import ImageUrl
 from starter.api import cursors
 from starter.api.auth import current_user
 from starter.api.context import ApiContext, context
@@ -22,11 +22,11 @@ def _iso(value: datetime) -> str:
     return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
 
 
-def _work(work: works.Work, base: str) -> dict:
+def _work(work: works.Work, link: ImageUrl) -> dict:
     return {
         "id": work.id, "generation_id": work.task_id, "kind": work.kind, "model": work.model,
         "prompt": work.prompt, "created_at": _iso(work.created_at),
-        "images": [{"url": file_url(base, i.key), "width": i.width, "height": i.height,
+        "images": [{"url": link(i.key), "width": i.width, "height": i.height,
                     "content_type": i.content_type} for i in work.images],
     }
 
@@ -42,9 +42,9 @@ async def list_works(
 ) -> dict:
     before = cursors.decode_time(cursor) if cursor else None
     page = await works.list_works(ctx.engine, user_id, limit=limit + 1, before=before)
-    base = ctx.base_url(request)
+    link = ctx.image_url(request, user_id)
     next_cursor = cursors.encode_time(page[limit - 1].created_at) if len(page) > limit else None
-    return {"items": [_work(w, base) for w in page[:limit]], "next_cursor": next_cursor}
+    return {"items": [_work(w, link) for w in page[:limit]], "next_cursor": next_cursor}
 
 
 @router.get("/v1/works/{work_id}", response_model=WorkOut, responses={404: {"model": ErrorResponse}},
@@ -58,7 +58,7 @@ async def get_work(
     work = await works.get_work(ctx.engine, work_id) if len(work_id) <= 64 else None
     if work is None or work.user_id != user_id:
         raise not_found("no such work")
-    return _work(work, ctx.base_url(request))
+    return _work(work, ctx.image_url(request, user_id))
 
 
 @router.get("/v1/credits", response_model=Account, summary="Your balance and recent ledger entries")

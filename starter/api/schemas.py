@@ -102,7 +102,8 @@ class GenerationAccepted(BaseModel):
 
 
 class ImageOut(BaseModel):
-    url: str
+    url: str = Field(description="a signed link that loads without an API key until it expires "
+                                 "(ATELIER_URL_TTL_S); add `&w=256`, `512` or `1024` for a thumbnail")
     width: int
     height: int
     content_type: str
@@ -119,8 +120,24 @@ class GenerationCredits(BaseModel):
 
 
 class GenerationError(BaseModel):
-    code: str | None = None
-    message: str | None = None
+    code: str | None = Field(default=None, description="a stable name, e.g. ProviderUnavailable, DeadlineExceeded")
+    message: str | None = Field(default=None, description="what went wrong, for people")
+    stage: str | None = Field(default=None, description="the stage it failed in (null when unknown)")
+    retryable: bool | None = Field(default=None, description="whether submitting the same request again could "
+                                                             "succeed (null when unknown)")
+    refunded: bool = Field(default=False, description="every credit charged for it is back (true too when "
+                                                      "none was charged)")
+
+
+class AttemptOut(BaseModel):
+    """One AI call attempt."""
+
+    model: str
+    provider: str
+    started_at: str | None = None
+    ended_at: str | None = None
+    outcome: str = Field(description="running, succeeded, failed, busy (the provider said 429), timed_out or canceled")
+    error_code: str | None = None
 
 
 class GenerationOut(BaseModel):
@@ -131,6 +148,7 @@ class GenerationOut(BaseModel):
     progress: int = Field(description="percent, 0-100")
     model: str | None = None
     attempt: int = 0
+    attempts: list[AttemptOut] = Field(default_factory=list, description="every AI call attempt, oldest first")
     error: GenerationError | None = None
     created_at: str | None = None
     completed_at: str | None = None
