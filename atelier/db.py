@@ -40,6 +40,8 @@ users = Table(
     Column("id", String(64), primary_key=True),
     Column("balance", BigInteger, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The highest priority lane (high | normal | low) this user's generations may ask for.
+    Column("max_priority", String(8), nullable=False, server_default="normal"),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
 )
 

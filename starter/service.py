@@ -84,14 +84,15 @@ def timeouts_from(settings: Settings) -> Timeouts:
 
 def build_request(settings: Settings, *, user_id: str, kind: str, images: list[ImageInput], prompt: str = "",
                   style: str = "", parameters: dict[str, str] | None = None, webhook_url: str | None = None,
-                  task_id: str | None = None, timeouts: Timeouts | None = None) -> GenerationRequest:
+                  task_id: str | None = None, timeouts: Timeouts | None = None,
+                  priority: str = "normal") -> GenerationRequest:
     """A typed, validated request. Raises InvalidRequest before anything starts."""
     req = GenerationRequest(
         task_id=task_id or new_task_id(), user_id=user_id, kind=kind, images=list(images), prompt=prompt,
         style=style, parameters=dict(parameters or {}), webhook_url=webhook_url,
         cost=settings.cost_of(kind) if kind in ("photography", "fitting") else 0,
         ai_task_queue=settings.ai_task_queue, timeouts=timeouts or timeouts_from(settings),
-        created_at=datetime.now(timezone.utc).isoformat(),
+        created_at=datetime.now(timezone.utc).isoformat(), priority=priority,
     )
     validate_request(req)
     return req

@@ -70,7 +70,7 @@ def test_scripts_are_found_from_the_package_not_the_working_directory():
     location = migrate.script_location()
     assert location.is_absolute()
     assert location == REPO / "migrations"
-    assert migrate.head() == "0001"
+    assert migrate.head() == "0002_max_priority"
 
 
 async def test_upgrade_builds_exactly_the_metadata(fresh_url):
@@ -185,7 +185,7 @@ def test_cli_upgrade_from_another_directory(tmp_path):
     run = subprocess.run([sys.executable, "-m", "atelier.migrate", "upgrade"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "at revision 0001" in run.stdout
+    assert f"at revision {migrate.head()}" in run.stdout
     cur = subprocess.run([sys.executable, "-m", "atelier.migrate", "current"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert cur.stdout.strip() == migrate.head()

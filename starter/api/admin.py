@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import APIRouter, Depends, Header, Path
+from fastapi import APIRouter, Body, Depends, Header, Path
 
 from atelier import credits, users
 from atelier.errors import UnknownUser
@@ -12,16 +12,27 @@ from starter.api.auth import require_admin
 from starter.api.context import ApiContext, context
 from starter.api.errors import not_found
 from starter.api.idempotency import check_key
-from starter.api.schemas import Balance, CreditGrant, ErrorResponse, UserCreated
+from starter.api.schemas import Balance, CreditGrant, ErrorResponse, UserCreate, UserCreated, UserOut, UserUpdate
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={s: {"model": ErrorResponse} for s in (401, 403, 413, 422)})
 
 
 @router.post("/users", status_code=201, response_model=UserCreated, summary="Create a user and its API key")
-async def create_user(ctx: ApiContext = Depends(context)) -> dict:
-    new = await users.create_user(ctx.engine)
-    return {"user_id": new.user_id, "api_key": new.api_key}
+async def create_user(body: UserCreate | None = Body(default=None), ctx: ApiContext = Depends(context)) -> dict:
+    max_priority = (body or UserCreate()).max_priority.value
+    new = await users.create_user(ctx.engine, max_priority=max_priority)
+    return {"user_id": new.user_id, "api_key": new.api_key, "max_priority": max_priority}
+
+
+@router.patch("/users/{user_id}", response_model=UserOut, responses={404: {"model": ErrorResponse}},
+              summary="Change a user's highest priority lane")
+async def update_user(body: UserUpdate, user_id: str = Path(max_length=64), ctx: ApiContext = Depends(context)) -> dict:
+    try:
+        await users.set_max_priority(ctx.engine, user_id, body.max_priority.value)
+    except UnknownUser:
+        raise not_found("no such user") from None
+    return {"user_id": user_id, "max_priority": body.max_priority.value}
 
 
 @router.post("/users/{user_id}/credits", response_model=Balance,

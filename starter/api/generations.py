@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from atelier import users
 from atelier.errors import InvalidRequest
 from atelier.messages import GenerationRequest, ImageInput, Kind, Status
 from atelier.representation import generation_object
@@ -30,7 +31,7 @@ from starter.api.urls import check_url
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
-ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 503)}
 MAX_ID_CHARS = 128
 TERMINAL = frozenset(s.value for s in Status if s.terminal)
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -51,6 +52,7 @@ def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -> Gene
             ctx.settings, user_id=user_id, kind=body.kind.value,
             images=[ImageInput(url=i.url, file_id=i.file_id) for i in body.images],
             prompt=body.prompt, style=body.style, parameters=body.parameters, webhook_url=body.webhook_url,
+            priority=body.priority.value,
         )
         allow_private = ctx.settings.allow_private_urls
         for index, image in enumerate(req.images):
@@ -120,6 +122,10 @@ async def create_generation(
     facts = await read_facts(ctx.engine, user_id=user_id, file_ids=[i.file_id for i in req.images if i.file_id],
                              idempotency_key=key, ttl_hours=ctx.settings.idempotency_ttl_hours)
     _check_files(ctx, req, facts)
+    if not users.allows(facts.max_priority, req.priority):
+        raise ApiError(403, "PriorityNotAllowed",
+                       f"priority {req.priority!r} is above the highest lane this account may use "
+                       f"({facts.max_priority!r}); an operator can raise it")
     base = ctx.base_url(request)
     status = Status.QUEUED.value
 

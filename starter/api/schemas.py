@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from atelier.messages import Kind
+from atelier.messages import Kind, Priority
 from atelier.validation import (
     MAX_PARAMETERS,
     MAX_PROMPT_CHARS,
@@ -75,6 +75,8 @@ class GenerationCreate(BaseModel):
     style: str = Field(default="", max_length=MAX_STYLE_CHARS)
     parameters: dict[str, str] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
     webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    priority: Priority = Field(default=Priority.NORMAL,
+                               description="lane for the model's quota: high, normal or low, up to your account's highest")
 
     @field_validator("prompt", "style", "webhook_url")
     @classmethod
@@ -176,6 +178,25 @@ class GenerationList(BaseModel):
 class UserCreated(BaseModel):
     user_id: str
     api_key: str = Field(description="shown once: only its hash is stored")
+    max_priority: Priority = Priority.NORMAL
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_priority: Priority = Field(default=Priority.NORMAL,
+                                   description="the highest priority lane the user's generations may ask for")
+
+
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_priority: Priority
+
+
+class UserOut(BaseModel):
+    user_id: str
+    max_priority: Priority
 
 
 class CreditGrant(BaseModel):
