@@ -31,6 +31,9 @@ class GenerationView:
     # The stage the generation failed in and whether submitting it again could help (None: unknown).
     error_stage: str | None = None
     retryable: bool | None = None
+    # While waiting for a slot of the model's quota: 1 = next; None when not waiting or unknown.
+    queue_position: int | None = None
+    eta_s: float | None = None
 
 
 def attempts_of(items) -> list[AttemptRecord]:
@@ -94,6 +97,8 @@ def generation_object(view: GenerationView, *, base_url: str = "", image_url: Im
         "progress": view.progress,
         "model": view.model,
         "attempt": view.attempt,
+        "queue_position": view.queue_position,
+        "eta_s": view.eta_s,
         "attempts": [attempt_object(a) for a in view.attempts],
         "error": error_object(view),
         "created_at": view.created_at,

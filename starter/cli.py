@@ -86,6 +86,20 @@ def _params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def waiting_line(g: dict) -> str:
+    """What a generation waiting for its model's quota shows: "waiting for <model>: #12 in line,
+    about 40 s" (the parts not known are left out); empty when it is not waiting."""
+    if g.get("stage") != "waiting_for_model":
+        return ""
+    text = f"waiting for {g.get('model') or 'the model'}"
+    position, eta = g.get("queue_position"), g.get("eta_s")
+    if isinstance(position, int):
+        text += f": #{position} in line"
+        if isinstance(eta, (int, float)):
+            text += f", about {eta:.0f} s"
+    return text
+
+
 def _watch(fetch, task_id: str, timeout_s: float) -> dict:
     """Poll until the generation ends, with a live bar of the stages."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -96,7 +110,8 @@ def _watch(fetch, task_id: str, timeout_s: float) -> dict:
         task = bar.add_task(task_id, total=100, stage="queued", model="")
         while True:
             g = fetch()
-            bar.update(task, completed=g.get("progress") or 0, stage=g.get("stage") or "", model=g.get("model") or "")
+            bar.update(task, completed=g.get("progress") or 0, stage=g.get("stage") or "",
+                       model=waiting_line(g) or g.get("model") or "")
             if g.get("status") in TERMINAL:
                 return g
             if time.monotonic() > deadline:
@@ -119,7 +134,7 @@ def cmd_submit(args) -> int:
         return asyncio.run(_submit_direct(args))
     with _api(args) as api:
         body = {"kind": args.kind, "images": _image_refs(api, args.image), "parameters": _params(args.param)}
-        for field in ("prompt", "style", "webhook_url"):
+        for field in ("prompt", "style", "webhook_url", "priority"):
             if getattr(args, field):
                 body[field] = getattr(args, field)
         headers = _user_headers()
@@ -161,8 +176,17 @@ def cmd_list(args) -> int:
 
 def cmd_users_create(args) -> int:
     with _api(args) as api:
-        body = _check(api.post("/v1/admin/users", headers=_admin_headers(), json={}))
+        body = _check(api.post("/v1/admin/users", headers=_admin_headers(),
+                               json={"max_priority": args.max_priority} if args.max_priority else {}))
     print(f"user_id: {body['user_id']}\napi_key: {body['api_key']}   (shown once: keep it)")
+    return 0
+
+
+def cmd_users_priority(args) -> int:
+    with _api(args) as api:
+        body = _check(api.patch(f"/v1/admin/users/{args.user_id}", headers=_admin_headers(),
+                                json={"max_priority": args.max_priority}))
+    print(f"{body['user_id']}: highest priority lane {body['max_priority']}")
     return 0
 
 
@@ -190,6 +214,8 @@ async def _submit_direct(args) -> int:
     from atelier import db, works
     from atelier.blobstore import BlobStore
     from atelier.images import store_image
+    from dataclasses import asdict
+
     from atelier.messages import ImageInput
     from starter.service import build_request, read_generation, start_generation
 
@@ -208,13 +234,19 @@ async def _submit_direct(args) -> int:
                                        max_pixels=settings.max_image_pixels)
             images.append(ImageInput(file_id=await works.record_upload(engine, user_id=args.user, image=stored)))
         req = build_request(settings, user_id=args.user, kind=args.kind, images=images, prompt=args.prompt or "",
-                            style=args.style or "", parameters=_params(args.param), webhook_url=args.webhook_url)
+                            style=args.style or "", parameters=_params(args.param), webhook_url=args.webhook_url,
+                            priority=args.priority or "normal")
         await start_generation(client, req, task_queue=settings.task_queue)
         print(f"submitted {req.task_id}")
         if args.wait:
             deadline = time.monotonic() + args.timeout
+            shown = ""
             while time.monotonic() < deadline:
-                state = await read_generation(client, req.task_id, engine=engine)
+                state = await read_generation(client, req.task_id, engine=engine, admission_queue=settings.task_queue)
+                line = waiting_line(asdict(state.view)) if state else ""
+                if line and line != shown:
+                    print(line, flush=True)
+                shown = line
                 if state and state.view.status in TERMINAL:
                     print(f"{req.task_id} {state.view.status} work={state.view.work_id} "
                           f"images={[i.key for i in state.view.images]}")
@@ -298,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--webhook-url", dest="webhook_url")
     s.add_argument("--idempotency-key")
+    s.add_argument("--priority", choices=["high", "normal", "low"],
+                   help="lane for the model's quota (default normal; up to your account's highest)")
     s.add_argument("--wait", action="store_true", help="show progress until the generation ends")
     s.add_argument("--timeout", type=float, default=900.0, help="seconds to wait with --wait (default 900)")
     s.add_argument("--direct", action="store_true", help="through Temporal and the database, without the API")
@@ -321,7 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = sub.add_parser("users", help="admin: users").add_subparsers(dest="users_command", required=True)
     s = users.add_parser("create", help="create a user and print its API key")
+    s.add_argument("--max-priority", dest="max_priority", choices=["high", "normal", "low"],
+                   help="the highest priority lane the user may ask for (default normal)")
     s.set_defaults(func=cmd_users_create)
+    s = users.add_parser("priority", help="set the highest priority lane a user may ask for")
+    s.add_argument("user_id")
+    s.add_argument("max_priority", choices=["high", "normal", "low"])
+    s.set_defaults(func=cmd_users_priority)
 
     cred = sub.add_parser("credits", help="admin: credits").add_subparsers(dest="credits_command", required=True)
     s = cred.add_parser("add", help="add credits to a user")

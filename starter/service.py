@@ -21,6 +21,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowQueryFailedError,
 )
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
@@ -28,6 +29,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from atelier import credits
 from atelier.messages import (
+    DEFAULT_TASK_QUEUE,
     SA_KIND,
     SA_STATUS,
     SA_USER_ID,
@@ -37,14 +39,17 @@ from atelier.messages import (
     ImageInput,
     Kind,
     Progress,
+    QueueUpdate,
     Stage,
     Status,
     StoredImage,
     Timeouts,
+    admission_workflow_id,
 )
 from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
 from atelier.validation import validate_request
+from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import PERCENT, GenerationWorkflow
 
 USER_KEY = SearchAttributeKey.for_keyword(SA_USER_ID)
@@ -57,6 +62,7 @@ STAGE_OF_ACTIVITY = {
     "select_model": Stage.SELECTING_MODEL,
     "download_and_convert": Stage.DOWNLOADING,
     "call_ai": Stage.GENERATING,
+    "request_slot": Stage.WAITING_FOR_MODEL,
     "save_work": Stage.SAVING,
     "refund_credits": Stage.REFUNDING,
 }
@@ -138,8 +144,10 @@ def _view_from_result(task_id: str, kind: str, r: GenerationResult, desc: Workfl
                           completed_at=_iso(desc.close_time))
 
 
-async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None) -> GenerationState | None:
-    """The state of one generation, or None if there is no such workflow."""
+async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None,
+                          admission_queue: str = DEFAULT_TASK_QUEUE) -> GenerationState | None:
+    """The state of one generation, or None if there is no such workflow. `admission_queue` is
+    the task queue of the admission workflows (the workers' generation queue)."""
     handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
     try:
         desc = await handle.describe()
@@ -155,6 +163,8 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
 
     if desc.status == WorkflowExecutionStatus.RUNNING:
         state = await _read_running(handle, desc, task_id, user_id, kind, sa_status)
+        if state.view.stage == Stage.WAITING_FOR_MODEL.value and state.view.model:
+            await _read_place_in_line(client, state.view, admission_queue)
     elif desc.status == WorkflowExecutionStatus.COMPLETED:
         result: GenerationResult = await handle.result()
         state = GenerationState(_view_from_result(task_id, kind, result, desc), user_id, False, "history")
@@ -199,11 +209,23 @@ async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> Gene
     return GenerationState(view, user_id, True, "describe")
 
 
+async def _read_place_in_line(client: Client, view: GenerationView, admission_queue: str) -> None:
+    """A waiting generation's live place in its model's line, from the admission workflow (the
+    generation's own copy is from when it joined the line). Kept as is when that cannot answer."""
+    handle = client.get_workflow_handle(admission_workflow_id(view.model, admission_queue))
+    try:
+        place: QueueUpdate = await handle.query(ModelAdmissionWorkflow.position, view.id, rpc_timeout=QUERY_TIMEOUT)
+    except (RPCError, WorkflowQueryFailedError):
+        return
+    if place.position is not None:
+        view.queue_position, view.eta_s = place.position, place.eta_s
+
+
 async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationState:
     p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
     view = GenerationView(
         id=task_id, kind=p.kind or kind, status=p.status, stage=p.stage, progress=p.percent, model=p.model,
-        attempt=p.attempt,
+        attempt=p.attempt, queue_position=p.queue_position, eta_s=p.eta_s,
         error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
         created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
         work_id=p.work_id, images=_stored(p.images), attempts=attempts_of(p.attempts), error_stage=p.error_stage,

@@ -14,6 +14,7 @@ from temporalio.worker import Worker
 
 from atelier.messages import AdmissionStatus, QueueUpdate, SlotRequest, admission_workflow_id
 from tests.admission_probe import ProbeInput, ProbeResult, SlotProbe
+from tests.api_fixtures import api_factory  # noqa: F401
 from tests.conftest import wait_for
 from workflows.admission import ModelAdmissionWorkflow
 
@@ -29,9 +30,9 @@ async def world(harness):
 
 async def probe(harness, queue: str, user: str, *, max_concurrent: int | None = 1, hold_s: float = 0.0,
                 priority: str = "normal", enqueued_at: float | None = None, lease_s: float = 600.0,
-                outcome: str = "ok") -> WorkflowHandle:
+                outcome: str = "ok", model: str = MODEL) -> WorkflowHandle:
     task_id = f"probe-{uuid.uuid4().hex[:10]}"
-    request = SlotRequest(ticket=f"{task_id}:1", task_id=task_id, user_id=user, priority=priority, model=MODEL,
+    request = SlotRequest(ticket=f"{task_id}:1", task_id=task_id, user_id=user, priority=priority, model=model,
                           enqueued_at=time.time() if enqueued_at is None else enqueued_at,
                           max_concurrent=max_concurrent, lease_s=lease_s)
     return await harness.client.start_workflow(
@@ -40,18 +41,18 @@ async def probe(harness, queue: str, user: str, *, max_concurrent: int | None = 
         id=task_id, task_queue=queue, result_type=ProbeResult)
 
 
-def admission(harness) -> WorkflowHandle:
-    return harness.client.get_workflow_handle(admission_workflow_id(MODEL, harness.settings.task_queue))
+def admission(harness, model: str = MODEL) -> WorkflowHandle:
+    return harness.client.get_workflow_handle(admission_workflow_id(model, harness.settings.task_queue))
 
 
-async def status(harness) -> AdmissionStatus:
-    return await admission(harness).query(ModelAdmissionWorkflow.status)
+async def status(harness, model: str = MODEL) -> AdmissionStatus:
+    return await admission(harness, model).query(ModelAdmissionWorkflow.status)
 
 
-async def waiting_count(harness, n: int):
+async def waiting_count(harness, n: int, model: str = MODEL):
     async def check():
         try:
-            s = await status(harness)
+            s = await status(harness, model)
         except Exception:  # noqa: BLE001 - not started yet
             return False
         return s.waiting >= n
@@ -147,3 +148,20 @@ async def test_the_queue_survives_continue_as_new(harness):
         s = await status(harness)
     assert len(results) == 16 and s.runs > 1 and s.granted == 16
     assert max_overlap(results) <= 2
+
+
+async def test_metrics_show_calls_in_flight_waiting_and_the_limit_per_model(api_factory):
+    api = await api_factory()
+    harness = api.harness
+    model = "local-studio"  # in the API's (default) catalogue
+    async with world(harness) as queue:
+        before = (await api.http.get("/metrics")).text
+        assert f'atelier_model_calls_in_flight{{model="{model}"}} 0.0' in before
+        holders = [await probe(harness, queue, f"u{i}", max_concurrent=2, model=model) for i in range(3)]
+        await waiting_count(harness, 1, model)
+        text = (await api.http.get("/metrics")).text
+        for h in holders:
+            await h.terminate("test over")
+    assert f'atelier_model_calls_in_flight{{model="{model}"}} 2.0' in text
+    assert f'atelier_model_generations_waiting{{model="{model}"}} 1.0' in text
+    assert f'atelier_model_call_limit{{model="{model}"}} 2.0' in text

@@ -70,3 +70,14 @@ async def test_cli_errors_are_clear_not_tracebacks(tmp_path):
     env["ATELIER_API_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     code, _, err = await atelier("status", "gen_x", env=env)
     assert code == 2 and "cannot reach the API" in err and "Traceback" not in err
+
+
+def test_the_waiting_line_says_model_place_and_estimate():
+    from starter.cli import waiting_line
+
+    assert waiting_line({"stage": "waiting_for_model", "model": "m1", "queue_position": 12, "eta_s": 40.2}) == \
+        "waiting for m1: #12 in line, about 40 s"
+    assert waiting_line({"stage": "waiting_for_model", "model": "m1", "queue_position": 3, "eta_s": None}) == \
+        "waiting for m1: #3 in line"
+    assert waiting_line({"stage": "waiting_for_model", "model": "m1"}) == "waiting for m1"
+    assert waiting_line({"stage": "generating", "model": "m1", "queue_position": 1}) == ""

@@ -18,14 +18,16 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
                    responses={s: {"model": ErrorResponse} for s in (401, 403, 413, 422)})
 
 
-@router.post("/users", status_code=201, response_model=UserCreated, summary="Create a user and its API key")
+@router.post("/users", status_code=201, response_model=UserCreated, responses={400: {"model": ErrorResponse}},
+             summary="Create a user and its API key")
 async def create_user(body: UserCreate | None = Body(default=None), ctx: ApiContext = Depends(context)) -> dict:
     max_priority = (body or UserCreate()).max_priority.value
     new = await users.create_user(ctx.engine, max_priority=max_priority)
     return {"user_id": new.user_id, "api_key": new.api_key, "max_priority": max_priority}
 
 
-@router.patch("/users/{user_id}", response_model=UserOut, responses={404: {"model": ErrorResponse}},
+@router.patch("/users/{user_id}", response_model=UserOut,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
               summary="Change a user's highest priority lane")
 async def update_user(body: UserUpdate, user_id: str = Path(max_length=64), ctx: ApiContext = Depends(context)) -> dict:
     try:

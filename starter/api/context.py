@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from atelier.blobstore import BlobStore
+from atelier.catalogue import CatalogueError, load_catalogue
 from atelier.links import LinkSigner, signer_from
 from atelier.representation import ImageUrl, file_url
 from atelier.settings import Settings
@@ -28,6 +29,16 @@ class ApiContext:
     cursor_key: bytes
     keys: KeyCache = field(default_factory=KeyCache)
     links: LinkSigner | None = None
+    _models: list[str] | None = field(default=None, repr=False)
+
+    def model_names(self) -> list[str]:
+        """The catalogue's model names (read once): the models /metrics reports on."""
+        if self._models is None:
+            try:
+                self._models = [m.name for m in load_catalogue(self.settings)]
+            except CatalogueError:
+                self._models = []
+        return self._models
 
     def __post_init__(self) -> None:
         if self.links is None:

@@ -57,4 +57,5 @@ async def readyz(ctx: ApiContext = Depends(context)):
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(ctx: ApiContext = Depends(context)) -> Response:
+    await ctx.metrics.refresh_models(ctx.client, ctx.model_names(), ctx.settings.task_queue)
     return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import asyncio
+from datetime import timedelta
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.service import RPCError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from atelier.messages import admission_workflow_id
+from workflows.admission import ModelAdmissionWorkflow
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -25,12 +33,36 @@ class Metrics:
                                  ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.generations_started = Counter("atelier_generations_started", "generation workflows started",
                                            ["kind"], registry=self.registry)
+        self.model_in_flight = Gauge("atelier_model_calls_in_flight", "AI calls holding a slot of the model's quota",
+                                     ["model"], registry=self.registry)
+        self.model_waiting = Gauge("atelier_model_generations_waiting", "generations waiting for a slot of the model",
+                                   ["model"], registry=self.registry)
+        self.model_limit = Gauge("atelier_model_call_limit",
+                                 "calls in flight the model's admission allows now (declared, or learned from 429s)",
+                                 ["model"], registry=self.registry)
         self.idempotent_replays = Counter("atelier_idempotent_replays",
                                           "POST /v1/generations answered from an earlier request with the same key",
                                           registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def refresh_models(self, client: Client, models: list[str], admission_queue: str) -> None:
+        """Read each model's admission workflow (a query; bounded in time) into the gauges.
+        A model whose admission workflow never started has nothing in flight and no one waiting."""
+        async def one(model: str) -> None:
+            handle = client.get_workflow_handle(admission_workflow_id(model, admission_queue))
+            try:
+                status = await handle.query(ModelAdmissionWorkflow.status, rpc_timeout=timedelta(seconds=2))
+            except (RPCError, WorkflowQueryFailedError):
+                self.model_in_flight.labels(model).set(0)
+                self.model_waiting.labels(model).set(0)
+                return
+            self.model_in_flight.labels(model).set(status.in_flight)
+            self.model_waiting.labels(model).set(status.waiting)
+            self.model_limit.labels(model).set(status.limit)
+
+        await asyncio.gather(*(one(m) for m in models))
 
 
 class MetricsMiddleware:

@@ -150,6 +150,10 @@ class GenerationOut(BaseModel):
     progress: int = Field(description="percent, 0-100")
     model: str | None = None
     attempt: int = 0
+    queue_position: int | None = Field(default=None, description="while the stage is waiting_for_model: the place "
+                                                                 "in the model's line, 1 = next (null otherwise)")
+    eta_s: float | None = Field(default=None, description="while waiting for the model: about how many seconds "
+                                                          "until a slot (null when unknown)")
     attempts: list[AttemptOut] = Field(default_factory=list, description="every AI call attempt, oldest first")
     error: GenerationError | None = None
     created_at: str | None = None
