@@ -75,10 +75,6 @@ class ErrorCode(str, Enum):
     INTERNAL = "Internal"
 
 
-# Errors the provider returned that another model of the catalogue cannot fix either.
-NO_FALLBACK_ERRORS = frozenset({ErrorCode.CONTENT_BLOCKED.value, ErrorCode.BAD_IMAGE.value})
-
-
 class Priority(str, Enum):
     """A generation's lane for model slots: higher lanes get slots first; `low` ages upward."""
 
@@ -138,6 +134,9 @@ class ValidationLimits:
     max_url_chars: int = 2048
     photography_images: tuple[int, int] = (1, 4)
     fitting_images: tuple[int, int] = (2, 5)
+    # Refuse reserved parameter keys whatever their case and surrounding whitespace (" Prompt").
+    # False in old histories: they were only compared in lower case.
+    reserved_keys_normalized: bool = False
 
 
 @dataclass
@@ -368,6 +367,9 @@ class NotifyRequest:
     completed_at: str = ""
     result: GenerationResult = field(default_factory=GenerationResult)
     retry_for_s: float = 6 * 3600.0
+    # completed (the final object, above) | started | progress (the change in `change`)
+    event: str = "completed"
+    change: ProgressEvent | None = None
 
 
 @dataclass

@@ -24,6 +24,8 @@ from temporalio.client import (
     WorkflowQueryFailedError,
 )
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.api.common.v1 import WorkflowExecution as WorkflowExecutionProto
+from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -48,7 +50,7 @@ from atelier.messages import (
 )
 from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
-from atelier.validation import validate_request
+from atelier.validation import current_limits, validate_request
 from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import PERCENT, GenerationWorkflow
 
@@ -91,14 +93,17 @@ def timeouts_from(settings: Settings) -> Timeouts:
 def build_request(settings: Settings, *, user_id: str, kind: str, images: list[ImageInput], prompt: str = "",
                   style: str = "", parameters: dict[str, str] | None = None, webhook_url: str | None = None,
                   task_id: str | None = None, timeouts: Timeouts | None = None,
-                  priority: str = "normal") -> GenerationRequest:
-    """A typed, validated request. Raises InvalidRequest before anything starts."""
+                  webhook_events: list[str] | None = None, priority: str = "normal") -> GenerationRequest:
+    """A typed, validated request. Raises InvalidRequest before anything starts. It carries the
+    validation limits in force now, so the workflow keeps them whatever a later deploy changes."""
     req = GenerationRequest(
         task_id=task_id or new_task_id(), user_id=user_id, kind=kind, images=list(images), prompt=prompt,
         style=style, parameters=dict(parameters or {}), webhook_url=webhook_url,
         cost=settings.cost_of(kind) if kind in ("photography", "fitting") else 0,
         ai_task_queue=settings.ai_task_queue, timeouts=timeouts or timeouts_from(settings),
-        created_at=datetime.now(timezone.utc).isoformat(), priority=priority,
+        created_at=datetime.now(timezone.utc).isoformat(),
+        webhook_events=list(webhook_events) if webhook_events is not None else ["completed"],
+        priority=priority, limits=current_limits(),
     )
     validate_request(req)
     return req
@@ -162,7 +167,7 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
     state: GenerationState
 
     if desc.status == WorkflowExecutionStatus.RUNNING:
-        state = await _read_running(handle, desc, task_id, user_id, kind, sa_status)
+        state = await _read_running(client, handle, desc, task_id, user_id, kind, sa_status)
         if state.view.stage == Stage.WAITING_FOR_MODEL.value and state.view.model:
             await _read_place_in_line(client, state.view, admission_queue)
     elif desc.status == WorkflowExecutionStatus.COMPLETED:
@@ -185,7 +190,7 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
     return state
 
 
-async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> GenerationState:
+async def _read_running(client, handle, desc, task_id, user_id, kind, sa_status) -> GenerationState:
     # Still "queued": no worker has run the workflow's first task, so no worker could answer a
     # query either; describe says all there is, without waiting out the query timeout.
     if sa_status != Status.QUEUED.value:
@@ -204,6 +209,13 @@ async def _read_running(handle, desc, task_id, user_id, kind, sa_status) -> Gene
         if act.HasField("last_failure") and act.last_failure.message:
             error = {"code": act.last_failure.application_failure_info.type or "ActivityFailure",
                      "message": act.last_failure.message}
+    elif sa_status != Status.QUEUED.value:
+        # Between activities (an AI attempt ended and the workflow, with no worker, has not yet
+        # scheduled the next): the last activity scheduled says where it stands.
+        last = await _last_scheduled_activity(client, task_id)
+        if last:
+            stage = STAGE_OF_ACTIVITY.get(last, Stage.QUEUED)
+            attempt = max(attempt, 1)
     view = GenerationView(id=task_id, kind=kind, status=sa_status, stage=stage.value, progress=PERCENT[stage],
                           attempt=attempt, error=error, created_at=_iso(desc.start_time))
     return GenerationState(view, user_id, True, "describe")
@@ -219,6 +231,24 @@ async def _read_place_in_line(client: Client, view: GenerationView, admission_qu
         return
     if place.position is not None:
         view.queue_position, view.eta_s = place.position, place.eta_s
+
+
+async def _last_scheduled_activity(client: Client, task_id: str) -> str | None:
+    """The type of the last activity the workflow scheduled: one page of its history, newest first."""
+    request = GetWorkflowExecutionHistoryReverseRequest(
+        namespace=client.namespace,
+        execution=WorkflowExecutionProto(workflow_id=task_id),
+        maximum_page_size=25,
+    )
+    try:
+        response = await client.workflow_service.get_workflow_execution_history_reverse(
+            request, timeout=QUERY_TIMEOUT)
+    except RPCError:
+        return None
+    for event in response.history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            return event.activity_task_scheduled_event_attributes.activity_type.name
+    return None
 
 
 async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationState:

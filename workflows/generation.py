@@ -1,18 +1,28 @@
 """GenerationWorkflow: one paid AI generation, from charge to saved work, or every credit back.
 
-The saga reads top to bottom: validate, charge, pick a model, fetch the inputs, call the AI
-(falling back to the next model when one fails for good), save the work. Any exit that is
-not success after the charge runs the refund, shielded from cancellation, then re-raises.
-The workflow is the only writer of a generation's status: the `progress` query while it
-runs, the search attributes and the result once it is closed.
+The saga reads top to bottom: validate, charge, fetch the inputs, pick a model, wait for a
+slot of it, call the AI (each attempt one activity; a 429 waits, other failures back off,
+then the next model), save the work. Any exit that is not success after the charge runs the
+refund, shielded from cancellation, then re-raises. The deadline is a named timer: reaching
+it fails the generation (DeadlineExceeded, or ExpiredBeforeStart before any AI call), never
+cancels it. The workflow is the only writer of a generation's status: the `progress` and
+`events` queries while it runs, the search attributes and the result once it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+    is_cancelled_exception,
+)
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
@@ -24,9 +34,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.works import WorkActivities
     from atelier.errors import InvalidRequest
     from atelier.messages import (
-        NO_FALLBACK_ERRORS,
         SA_STATUS,
         AiOutput,
+        AttemptRecord,
+        EventsPage,
+        EventsRequest,
+        ProgressEvent,
+        QueueUpdate,
         AiRequest,
         ChargeRequest,
         DownloadRequest,
@@ -48,12 +62,14 @@ with workflow.unsafe.imports_passed_through():
 
 STATUS_KEY = SearchAttributeKey.for_keyword(SA_STATUS)
 
-# How far along each stage is, for a progress bar.
+# How far along each stage is, for a progress bar, in the order the stages run. The bar never
+# goes back: a fallback to the next model passes selecting_model again without lowering it.
 PERCENT = {
     Stage.QUEUED: 0,
     Stage.CHARGING: 5,
-    Stage.SELECTING_MODEL: 10,
-    Stage.DOWNLOADING: 15,
+    Stage.DOWNLOADING: 10,
+    Stage.SELECTING_MODEL: 15,
+    Stage.WAITING_FOR_MODEL: 20,
     Stage.GENERATING: 30,
     Stage.SAVING: 90,
     Stage.NOTIFYING: 95,
@@ -63,10 +79,33 @@ PERCENT = {
 
 # At most this many models are tried for one generation.
 MAX_MODELS = 3
+# The progress stream's log keeps this many events; a reader further behind resumes at the oldest kept.
+MAX_EVENTS = 200
+# Attempt records kept; past this, the oldest waits on a busy provider are dropped first.
+MAX_ATTEMPT_RECORDS = 40
+# Waits between AI attempts (a provider's Retry-After overrides them, capped by the maximum).
+AI_BACKOFF_INITIAL_S = 2.0
+AI_BACKOFF_MAX_S = 30.0
+BUSY_WAIT_INITIAL_S = 2.0
+BUSY_WAIT_MAX_S = 60.0
+
+# Error codes after which submitting the same request again may succeed.
+CALLER_CAN_RETRY = frozenset({
+    ErrorCode.DOWNLOAD_FAILED.value, ErrorCode.PROVIDER_UNAVAILABLE.value, ErrorCode.PROVIDER_BUSY.value,
+    ErrorCode.NO_MODEL_AVAILABLE.value, ErrorCode.DEADLINE_EXCEEDED.value, ErrorCode.EXPIRED_BEFORE_START.value,
+    ErrorCode.CANCELED.value, ErrorCode.INTERNAL.value,
+})
 
 # workflow.patched() ids: each names a change of the commands a workflow issues (see docs/deployment.md).
 PATCH_SAVE_SURVIVES_CANCEL = "save-work-survives-cancel"
 PATCH_CHARGE_SETTLES_BEFORE_CANCEL = "charge-settles-before-cancel"
+# The deadline is its own named timer; reaching it fails the generation, it never reads as a cancel.
+PATCH_EXPLICIT_DEADLINE = "explicit-deadline"
+# Each AI attempt is one activity: the workflow records it, waits out a 429 without spending an
+# attempt, and backs off between the others.
+PATCH_AI_ATTEMPTS = "ai-attempts-in-workflow"
+# A generation waits for a slot of its model's quota before each AI attempt.
+PATCH_MODEL_ADMISSION = "model-admission"
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
@@ -126,24 +165,94 @@ def _error_message(err: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
+def _retry_after(err: ActivityError) -> float | None:
+    """The wait the provider asked for (Retry-After), carried by the activity's failure."""
+    cause = err.cause
+    if not isinstance(cause, ApplicationError):
+        return None
+    if cause.next_retry_delay:
+        return cause.next_retry_delay.total_seconds()
+    if cause.details and isinstance(cause.details[0], (int, float)) and not isinstance(cause.details[0], bool):
+        return float(cause.details[0])
+    return None
+
+
+def _backoff(n: int, initial: float, maximum: float, asked: float | None) -> float:
+    """The n-th wait (1-based): exponential, or what the provider asked for; capped either way."""
+    wait = asked if asked is not None and asked > 0 else initial * 2 ** (n - 1)
+    return max(0.5, min(wait, maximum))
+
+
 @workflow.defn(name="GenerationWorkflow")
 class GenerationWorkflow:
     def __init__(self) -> None:
         self._progress = Progress()
+        self._events: list[ProgressEvent] = []
+        self._req: GenerationRequest | None = None
+        # What stopped the steps first: "deadline" or "cancel" (None: they ended by themselves).
+        self._ended_by: str | None = None
+        self._ai_started = False
+        self._started_sent = False
+        self._deliveries: list[asyncio.Task] = []
 
     @workflow.query
     def progress(self) -> Progress:
         return self._progress
 
+    @workflow.query
+    def events(self, req: EventsRequest) -> EventsPage:
+        """The visible changes after `req.after_seq` (the progress stream reads these)."""
+        return EventsPage(events=[e for e in self._events if e.seq > req.after_seq], progress=self._progress)
+
+    @workflow.signal
+    def queue_update(self, update: QueueUpdate) -> None:
+        """The model's admission workflow tells a waiting generation where it stands."""
+        p = self._progress
+        if p.stage != Stage.WAITING_FOR_MODEL.value:
+            return
+        p.queue_position, p.eta_s = update.position, update.eta_s
+        self._changed()
+
     # ---- progress and status: the workflow is their only writer ----------------------
 
+    def _changed(self) -> None:
+        """Record a visible change for the progress stream (no-op when nothing visible moved)."""
+        p = self._progress
+        state = (p.status, p.stage, p.percent, p.model, p.attempt, p.queue_position, p.eta_s, p.error_code)
+        if self._events:
+            e = self._events[-1]
+            if (e.status, e.stage, e.percent, e.model, e.attempt, e.queue_position, e.eta_s, e.error_code) == state:
+                return
+        p.seq += 1
+        self._events.append(ProgressEvent(
+            seq=p.seq, at=workflow.now().isoformat(), status=p.status, stage=p.stage, percent=p.percent,
+            model=p.model, attempt=p.attempt, queue_position=p.queue_position, eta_s=p.eta_s, error_code=p.error_code,
+        ))
+        del self._events[:-MAX_EVENTS]
+        # What the Temporal UI shows as the generation's current details.
+        detail = f"{p.kind} · {p.status} · {p.stage} ({p.percent} %)"
+        if p.model:
+            detail += f" · model {p.model}, attempt {p.attempt}"
+        if p.queue_position is not None:
+            detail += f" · #{p.queue_position} in line"
+        if p.error_code:
+            detail += f" · {p.error_code}"
+        workflow.set_current_details(detail)
+
     def _stage(self, stage: Stage) -> None:
-        self._progress.stage = stage.value
-        self._progress.percent = PERCENT[stage]
+        p = self._progress
+        p.stage = stage.value
+        p.percent = max(p.percent, PERCENT[stage])
+        if stage != Stage.WAITING_FOR_MODEL:
+            p.queue_position = p.eta_s = None
+        self._changed()
+        if stage not in (Stage.DONE, Stage.NOTIFYING):
+            self._send_event("progress")
 
     def _status(self, status: Status) -> None:
         self._progress.status = status.value
         workflow.upsert_search_attributes([STATUS_KEY.value_set(status.value)])
+        self._changed()
 
     def _result(self, status: Status) -> GenerationResult:
         p = self._progress
@@ -151,6 +260,7 @@ class GenerationWorkflow:
             task_id=p.task_id, status=status.value, kind=p.kind, work_id=p.work_id,
             images=list(p.images), model=p.model, error_code=p.error_code, error=p.last_error,
             credits_charged=p.credits_charged, credits_refunded=p.credits_refunded,
+            attempts=list(p.attempts), error_stage=p.error_stage, retryable=p.retryable,
         )
 
     # ---- the saga ----------------------------------------------------------------------
@@ -159,13 +269,18 @@ class GenerationWorkflow:
     async def run(self, req: GenerationRequest) -> GenerationResult:
         p = self._progress
         p.task_id, p.kind = req.task_id, req.kind
+        self._req = req
+        explicit_deadline = workflow.patched(PATCH_EXPLICIT_DEADLINE)
         self._status(Status.RUNNING)
         try:
-            # A deadline is a timer inside the workflow, never an execution timeout:
-            # a workflow killed by the server could not refund.
-            await asyncio.wait_for(self._steps(req), timeout=req.timeouts.deadline_s)
+            if explicit_deadline:
+                await self._steps_within_deadline(req)
+            else:
+                # Before the explicit deadline: wait_for, whose timeout could read as a cancel.
+                await asyncio.wait_for(self._steps(req), timeout=req.timeouts.deadline_s)
         except _Rejected as rejected:
             p.error_code, p.last_error = rejected.code, rejected.message
+            p.error_stage, p.retryable = Stage.CHARGING.value if p.stage == Stage.CHARGING.value else "validating", False
             self._stage(Stage.DONE)
             self._status(Status.REJECTED)
             result = self._result(Status.REJECTED)
@@ -176,11 +291,16 @@ class GenerationWorkflow:
                 # The work was saved before the cancel or deadline took effect: the user has
                 # their images and has paid for them. Nothing to undo.
                 return await self._complete(req)
-            canceled = isinstance(err, (asyncio.CancelledError, CancelledError)) or (
-                isinstance(err, ActivityError) and isinstance(err.cause, CancelledError)
-            )
-            p.error_code = ErrorCode.CANCELED.value if canceled else _error_code(err)
-            p.last_error = "canceled by request" if canceled else _error_message(err)
+            p.error_stage = p.stage
+            if explicit_deadline:
+                canceled, p.error_code, p.last_error = self._why_stopped(err)
+            else:
+                canceled = isinstance(err, (asyncio.CancelledError, CancelledError)) or (
+                    isinstance(err, ActivityError) and isinstance(err.cause, CancelledError)
+                )
+                p.error_code = ErrorCode.CANCELED.value if canceled else _error_code(err)
+                p.last_error = "canceled by request" if canceled else _error_message(err)
+            p.retryable = p.error_code in CALLER_CAN_RETRY
             await self._refund(req, reason=p.error_code)
             self._stage(Stage.DONE)
             status = Status.CANCELED if canceled else Status.FAILED
@@ -191,6 +311,53 @@ class GenerationWorkflow:
                 raise
             raise ApplicationError(p.last_error, result, type=p.error_code, non_retryable=True) from err
         return await self._complete(req)
+
+    def _why_stopped(self, err: BaseException) -> tuple[bool, str, str]:
+        """(canceled, code, message) of steps that did not finish. A cancel is known from the SDK's
+        own signal, the cancellation of the workflow's main task (caught in _steps_within_deadline;
+        temporalio 1.35 has no Info.is_cancel_requested), a deadline from its own timer: never
+        guessed from the type of the error the steps ended with."""
+        if self._ended_by == "deadline":
+            attempts = self._progress.attempts
+            if attempts and attempts[-1].outcome == "busy":
+                return False, ErrorCode.PROVIDER_BUSY.value, "the provider stayed busy (429) until the generation's deadline"
+            if not self._ai_started:
+                return False, ErrorCode.EXPIRED_BEFORE_START.value, "the deadline passed before the AI call could start"
+            return False, ErrorCode.DEADLINE_EXCEEDED.value, "the generation ran past its deadline"
+        if self._ended_by == "cancel":
+            return True, ErrorCode.CANCELED.value, "canceled by request"
+        return False, _error_code(err), _error_message(err)
+
+    async def _steps_within_deadline(self, req: GenerationRequest) -> None:
+        """Run the steps against the generation's deadline, a timer of its own (never an execution
+        timeout: a workflow killed by the server could not refund)."""
+        at = workflow.now() + timedelta(seconds=req.timeouts.deadline_s)
+        deadline = asyncio.ensure_future(workflow.sleep(
+            req.timeouts.deadline_s, summary=f"Deadline: fail and refund at {at:%Y-%m-%d %H:%M:%S} UTC"))
+        steps = asyncio.ensure_future(self._steps(req))
+        try:
+            try:
+                await workflow.wait([steps, deadline], return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                self._stop("cancel", steps)
+            else:
+                if not steps.done():
+                    self._stop("deadline", steps)
+            # The steps shield what must finish (a charge committing, a save): let them end.
+            while not steps.done():
+                try:
+                    await workflow.wait([steps])
+                except asyncio.CancelledError:
+                    self._stop("cancel", steps)
+        finally:
+            if not deadline.done():
+                deadline.cancel()
+        steps.result()  # the steps' own outcome: returns, or raises what stopped them
+
+    def _stop(self, reason: str, steps: asyncio.Future) -> None:
+        if self._ended_by is None:
+            self._ended_by = reason
+        steps.cancel()
 
     async def _complete(self, req: GenerationRequest) -> GenerationResult:
         self._stage(Stage.DONE)
@@ -207,13 +374,13 @@ class GenerationWorkflow:
             raise _Rejected(err.code, err.message) from None
 
         self._stage(Stage.CHARGING)
-        charging = workflow.execute_activity_method(
+        charging = asyncio.ensure_future(workflow.execute_activity_method(
             CreditActivities.charge_credits,
             ChargeRequest(task_id=req.task_id, user_id=req.user_id, amount=req.cost, reason=f"{req.kind} generation"),
             start_to_close_timeout=seconds(t.short_start_to_close_s),
             retry_policy=policies.SHORT_RETRY,
             summary=f"Charge {req.cost} credits",
-        )
+        ))
         try:
             if workflow.patched(PATCH_CHARGE_SETTLES_BEFORE_CANCEL):
                 # Let a charge in flight settle before a cancel is acted on: a refund that ran
@@ -226,7 +393,13 @@ class GenerationWorkflow:
             if code in (ErrorCode.INSUFFICIENT_CREDITS.value, ErrorCode.UNKNOWN_USER.value):
                 raise _Rejected(code, _error_message(err)) from None
             raise
+        except asyncio.CancelledError:
+            # A cancel that waited for the charge: report what the charge took (the refund gives it back).
+            if charging.done() and not charging.cancelled() and charging.exception() is None:
+                p.credits_charged = charging.result().charged
+            raise
         p.credits_charged = charge.charged
+        self._send_event("started")
 
         downloaded = await self._download(req)
         output = await self._generate(req, downloaded)
@@ -278,13 +451,13 @@ class GenerationWorkflow:
                 break
             tried.append(choice.model)
             p.model, p.attempt = choice.model, len(tried)
-            self._stage(Stage.GENERATING)
             try:
+                if workflow.patched(PATCH_AI_ATTEMPTS):
+                    return await self._call_model(req, downloaded, choice)
+                self._stage(Stage.GENERATING)
                 return await workflow.execute_activity_method(
                     AiActivities.call_ai,
-                    AiRequest(task_id=req.task_id, kind=req.kind, model=choice.model, provider=choice.provider,
-                              prompt=req.prompt, style=req.style, images=downloaded.images,
-                              parameters=dict(req.parameters)),
+                    self._ai_request(req, downloaded, choice),
                     task_queue=req.ai_task_queue or None,
                     start_to_close_timeout=seconds(t.ai_start_to_close_s),
                     schedule_to_start_timeout=seconds(t.ai_schedule_to_start_s),
@@ -294,7 +467,7 @@ class GenerationWorkflow:
                 )
             except ActivityError as err:
                 code = _error_code(err)
-                if code == ErrorCode.CANCELED.value or code in NO_FALLBACK_ERRORS:
+                if code == ErrorCode.CANCELED.value or is_cancelled_exception(err) or code in policies.NO_FALLBACK_ERRORS:
                     raise
                 last_error = err
                 p.last_error = f"{choice.model}: {_error_message(err)}"
@@ -303,6 +476,88 @@ class GenerationWorkflow:
             raise last_error
         raise ApplicationError("no model in the catalogue can serve this kind", type=ErrorCode.NO_MODEL_AVAILABLE.value,
                                non_retryable=True)
+
+    @staticmethod
+    def _ai_request(req: GenerationRequest, downloaded, choice: ModelChoice) -> AiRequest:
+        return AiRequest(task_id=req.task_id, kind=req.kind, model=choice.model, provider=choice.provider,
+                         prompt=req.prompt, style=req.style, images=downloaded.images,
+                         parameters=dict(req.parameters))
+
+    async def _call_model(self, req: GenerationRequest, downloaded, choice: ModelChoice) -> AiOutput:
+        """Attempts on one model, each one activity that the workflow records. A busy provider
+        (429) is waited out without spending an attempt, until the deadline; other retryable
+        failures back off and spend one; the last one raises for the fallback to decide."""
+        p, t = self._progress, req.timeouts
+        failures = busy = 0
+        while True:
+            await self._wait_for_slot(req, choice)
+            self._stage(Stage.GENERATING)
+            self._ai_started = True
+            p.attempt = failures + 1
+            record = AttemptRecord(model=choice.model, provider=choice.provider, started_at=workflow.now().isoformat())
+            self._add_attempt(record)
+            started = workflow.now()
+            try:
+                output: AiOutput = await workflow.execute_activity_method(
+                    AiActivities.call_ai,
+                    self._ai_request(req, downloaded, choice),
+                    task_queue=req.ai_task_queue or None,
+                    start_to_close_timeout=seconds(t.ai_start_to_close_s),
+                    schedule_to_start_timeout=seconds(t.ai_schedule_to_start_s),
+                    heartbeat_timeout=seconds(t.ai_heartbeat_s),
+                    retry_policy=policies.AI_ONE_ATTEMPT,
+                    summary=f"Generate with {choice.model} ({choice.provider}), attempt {failures + 1}",
+                )
+            except asyncio.CancelledError:
+                self._end_attempt(req, choice, record, started, "canceled")
+                raise
+            except ActivityError as err:
+                record.error_code, record.error = _error_code(err), _error_message(err)
+                if is_cancelled_exception(err):
+                    self._end_attempt(req, choice, record, started, "canceled")
+                    raise
+                if record.error_code == ErrorCode.PROVIDER_BUSY.value:
+                    self._end_attempt(req, choice, record, started, "busy")
+                    busy += 1
+                    wait = _backoff(busy, BUSY_WAIT_INITIAL_S, BUSY_WAIT_MAX_S, _retry_after(err))
+                    self._stage(Stage.WAITING_FOR_MODEL)
+                    await workflow.sleep(wait, summary=f"{choice.model} is busy (429): try again in {wait:.0f} s")
+                    continue
+                p.last_error = f"{choice.model}: {record.error}"
+                self._end_attempt(req, choice, record, started,
+                                  "timed_out" if isinstance(err.cause, ActivityTimeout) else "failed")
+                failures += 1
+                final = isinstance(err.cause, ApplicationError) and err.cause.non_retryable
+                if final or failures >= t.ai_max_attempts:
+                    raise
+                wait = _backoff(failures, AI_BACKOFF_INITIAL_S, AI_BACKOFF_MAX_S, _retry_after(err))
+                await workflow.sleep(
+                    wait, summary=f"{choice.model} failed ({record.error_code}): attempt {failures + 1} in {wait:.0f} s")
+                continue
+            self._end_attempt(req, choice, record, started, "succeeded")
+            return output
+
+    def _end_attempt(self, req: GenerationRequest, choice: ModelChoice, record: AttemptRecord, started,
+                     outcome: str) -> None:
+        record.outcome, record.ended_at = outcome, workflow.now().isoformat()
+        self._release_slot(req, choice, "succeeded" if outcome == "succeeded" else "busy" if outcome == "busy" else "failed",
+                           (workflow.now() - started).total_seconds())
+        self._changed()
+
+    def _add_attempt(self, record: AttemptRecord) -> None:
+        attempts = self._progress.attempts
+        attempts.append(record)
+        if len(attempts) > MAX_ATTEMPT_RECORDS:
+            busy = next((i for i, a in enumerate(attempts) if a.outcome == "busy"), 0)
+            del attempts[busy]
+
+    async def _wait_for_slot(self, req: GenerationRequest, choice: ModelChoice) -> None:
+        """Wait until the model's quota has a slot for this generation (admission; see workflows/admission.py)."""
+        return None
+
+    def _release_slot(self, req: GenerationRequest, choice: ModelChoice, outcome: str, duration_s: float) -> None:
+        """Give the slot back (outcome: succeeded | busy | failed). Must not block: it runs during cancellation too."""
+        return None
 
     async def _refund(self, req: GenerationRequest, *, reason: str) -> None:
         """Give the credits back; a no-op when nothing was charged. Shielded: a second cancel
@@ -320,9 +575,44 @@ class GenerationWorkflow:
         )
         p.credits_refunded = result.refunded
 
+    # ---- webhooks ----------------------------------------------------------------------
+
+    def _send_event(self, event: str) -> None:
+        """Start the delivery of a `started` or `progress` webhook, if the request asked for it.
+        Deliveries run beside the steps: a slow receiver never holds the generation."""
+        req = self._req
+        if req is None or not req.webhook_url or event not in req.webhook_events:
+            return
+        if event == "started":
+            if self._started_sent:
+                return
+            self._started_sent = True
+        elif not self._started_sent:
+            return  # progress is reported once the generation has started (been charged)
+        change = self._events[-1] if self._events else ProgressEvent()
+        child_id = f"{req.task_id}-webhook-started" if event == "started" else f"{req.task_id}-webhook-{change.seq}"
+        notify = NotifyRequest(task_id=req.task_id, user_id=req.user_id, url=req.webhook_url,
+                               created_at=req.created_at, result=self._result(Status(self._progress.status)),
+                               retry_for_s=req.timeouts.notify_schedule_to_close_s, event=event, change=change)
+        self._deliveries.append(asyncio.ensure_future(self._deliver(notify, child_id)))
+
+    async def _deliver(self, notify: NotifyRequest, child_id: str) -> None:
+        try:
+            await _uncancellable(workflow.start_child_workflow(
+                WebhookDeliveryWorkflow.run,
+                notify,
+                id=child_id,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                static_summary=f"Webhook ({notify.event}) for {notify.task_id}",
+            ))
+        except Exception as err:  # noqa: BLE001 - a webhook never changes the outcome
+            workflow.logger.warning("webhook %s for %s not started: %s", notify.event, notify.task_id, err)
+
     async def _notify(self, req: GenerationRequest, result: GenerationResult) -> None:
-        """Hand the webhook to its own workflow: retried for hours, never changing this outcome."""
-        if not req.webhook_url:
+        """Hand the final webhook to its own workflow: retried for hours, never changing this outcome."""
+        if self._deliveries:
+            await _uncancellable(workflow.wait(list(self._deliveries)))
+        if not req.webhook_url or "completed" not in req.webhook_events:
             return
         self._stage(Stage.NOTIFYING)
         try:
@@ -353,5 +643,5 @@ class WebhookDeliveryWorkflow:
             schedule_to_close_timeout=seconds(req.retry_for_s),
             start_to_close_timeout=seconds(30),
             retry_policy=policies.NOTIFY_RETRY,
-            summary=f"POST webhook ({req.result.status})",
+            summary=f"POST webhook ({req.result.status})" if req.event == "completed" else f"POST webhook ({req.event})",
         )

@@ -1,7 +1,9 @@
-"""Timeouts and retry policies of every activity call, named, in one place.
+"""Timeouts, retry policies and fallback rules of every activity call, named, in one place.
 
 The numbers come from the request's `Timeouts` (filled from settings by the starter), so
 an operator can change them without a code change; the shapes and reasons live here.
+This is workflow code: what is decided here changes the commands a workflow issues, so a
+change needs `workflow.patched()` (see docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ _NEVER_RETRY = [
     ErrorCode.URL_REFUSED.value,
     ErrorCode.CONTENT_BLOCKED.value,
     ErrorCode.PROVIDER_REJECTED.value,
+    ErrorCode.ALREADY_REFUNDED.value,
 ]
+
+# Errors the provider returned that another model of the catalogue cannot fix either: the
+# generation fails instead of falling back. Workflow code (it decides which commands follow).
+NO_FALLBACK_ERRORS = frozenset({ErrorCode.CONTENT_BLOCKED.value, ErrorCode.BAD_IMAGE.value})
 
 # Charge, select, save: quick database calls; a few tries cover a database blip.
 SHORT_RETRY = RetryPolicy(
@@ -59,6 +66,10 @@ def ai_retry(t: Timeouts) -> RetryPolicy:
         maximum_attempts=t.ai_max_attempts,
         non_retryable_error_types=_NEVER_RETRY,
     )
+
+
+# AI call, one attempt per activity: the workflow retries, waits out 429s and records each attempt.
+AI_ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
 
 # Webhook: the receiver may be down for hours; the schedule-to-close timeout bounds it.
