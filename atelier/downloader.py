@@ -37,6 +37,10 @@ RETRYABLE_CLIENT_STATUSES = frozenset({408, 425, 429})
 USER_AGENT = "atelier-downloader/0.1"
 # A host with many addresses: try a few when connecting fails, not all of them.
 MAX_ADDRESSES_TRIED = 4
+# A webhook's answer is its status: of the body, read this much at most (and never decode it).
+MAX_POST_RESPONSE_BYTES = 4096
+# A webhook POST in all (connect, send, answer): well inside the notify activity's 30 s.
+POST_TIMEOUT_S = 15.0
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -194,12 +198,13 @@ def build_http_client(connect_timeout_s: float, read_timeout_s: float, *,
 
 class Downloader:
     def __init__(self, client: httpx.AsyncClient, guard: UrlGuard, *, max_bytes: int,
-                 max_redirects: int, total_timeout_s: float) -> None:
+                 max_redirects: int, total_timeout_s: float, post_timeout_s: float = POST_TIMEOUT_S) -> None:
         self.client = client
         self.guard = guard
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.total_timeout_s = total_timeout_s
+        self.post_timeout_s = post_timeout_s
 
     async def fetch(self, url: str, on_progress: ProgressCallback | None = None) -> bytes:
         """The body at `url`. `on_progress(bytes_so_far)` (sync or async) is called as it arrives."""
@@ -272,20 +277,43 @@ class Downloader:
 
     async def post(self, url: str, *, content: bytes, headers: dict[str, str]) -> int:
         """POST through the same guard (webhooks): checked, pinned to the approved address,
-        redirects not followed. Returns the status code; raises DownloadFailed or UrlRefused."""
+        redirects not followed, the whole exchange within `post_timeout_s`. Returns the status
+        code; of the answer's body at most MAX_POST_RESPONSE_BYTES raw bytes are read (a
+        receiver answering with a gzip bomb or an endless body costs nothing). Raises
+        DownloadFailed or UrlRefused."""
         target = _parse(url)
+        try:
+            async with asyncio.timeout(self.post_timeout_s):
+                return await self._post(target, content, headers)
+        except TimeoutError:
+            raise DownloadFailed(f"POST to {display_url(target)} took longer than {self.post_timeout_s:g} s",
+                                 retryable=True) from None
+
+    async def _post(self, target: httpx.URL, content: bytes, headers: dict[str, str]) -> int:
         addresses = await self.guard.addresses(target)
         last_error: httpx.HTTPError | None = None
         for address in addresses[:MAX_ADDRESSES_TRIED]:
             request = self._pinned_request(target, address, method="POST", content=content,
-                                           headers={"Accept": "*/*", **headers})
+                                           headers={"Accept": "*/*", **headers, "Accept-Encoding": "identity"})
             try:
-                response = await self.client.send(request, follow_redirects=False)
-                return response.status_code
+                response = await self.client.send(request, stream=True, follow_redirects=False)
             except httpx.ConnectError as exc:
                 last_error = exc
+                continue
             except httpx.HTTPError as exc:
                 raise _failure(exc, target) from None
+            try:
+                # Raw bytes: a Content-Encoding the receiver chose is never decoded.
+                seen = 0
+                async for chunk in response.aiter_raw():
+                    seen += len(chunk)
+                    if seen >= MAX_POST_RESPONSE_BYTES:
+                        break
+            except httpx.HTTPError:
+                pass  # the status is the answer; a body cut short changes nothing
+            finally:
+                await response.aclose()
+            return response.status_code
         assert last_error is not None
         raise _failure(last_error, target) from None
 

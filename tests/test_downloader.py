@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import resource
 import socket
 import time
+import zlib
 
 import httpx
 import pytest
@@ -440,3 +442,83 @@ async def test_the_shared_client_keeps_no_cookies(server: FakeHttpServer, client
     await downloader.fetch(server.url("/a.jpg"))
     assert "Cookie" not in server.requests[1].headers
     assert len(client.cookies.jar) == 0
+
+
+# ---- webhook POSTs: the answer's body is never trusted (issue 10 #1)
+
+
+def gzip_bomb_parts() -> tuple[bytes, bytes]:
+    """(start, block): `start` then `block` repeated is a gzip stream where each block of
+    about 1 KB inflates to 1 MiB of zeros. After a full flush deflate starts afresh, so
+    every later block is the same bytes: 10 MB of the stream inflate to about 10 GB, and
+    nothing near that size is ever held here."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    start = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert block == deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    return start, block
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+BOMB_BYTES = 10 * 1024 * 1024
+
+
+async def test_a_webhook_answering_with_a_gzip_bomb_is_not_inflated(client: httpx.AsyncClient) -> None:
+    start, block = gzip_bomb_parts()
+    with FakeHttpServer(max_body_bytes=BOMB_BYTES) as bomb:
+        bomb.route("/hook", status=200, prefix=start, body=block, endless=True,
+                   headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+                   content_length=BOMB_BYTES)
+        before = peak_rss_mb()
+        began = time.monotonic()
+        status = await loopback_downloader(client).post(bomb.url("/hook"), content=b"{}",
+                                                        headers={"content-type": "application/json"})
+        elapsed = time.monotonic() - began
+        grown = peak_rss_mb() - before
+        [request] = bomb.requests
+    assert status == 200
+    assert request.headers["Accept-Encoding"] == "identity"
+    assert grown < 100, f"the worker grew by {grown:.0f} MB answering one webhook"
+    assert elapsed < 15  # the POST's own bound (POST_TIMEOUT_S), not a performance figure
+
+
+async def test_a_webhook_answering_without_end_is_cut_after_a_few_kb(client: httpx.AsyncClient) -> None:
+    with FakeHttpServer(max_body_bytes=1 << 40) as endless:
+        endless.endless("/hook", chunk=os.urandom(65536), content_length=False)
+        before = peak_rss_mb()
+        downloader = loopback_downloader(client)
+        downloader.post_timeout_s = 5.0
+        status = await asyncio.wait_for(downloader.post(endless.url("/hook"), content=b"{}", headers={}), 30)
+        grown = peak_rss_mb() - before
+    assert status == 200
+    assert grown < 100
+
+
+async def test_a_webhook_answering_a_byte_at_a_time_is_cut_by_the_post_deadline(client: httpx.AsyncClient) -> None:
+    # Each byte comes well within the read timeout: only the POST's own deadline stops it.
+    with FakeHttpServer() as drip:
+        drip.route("/hook", status=200, body=b"x", chunk_size=1, interval_s=0.2, endless=True, content_length=False)
+        downloader = loopback_downloader(client)
+        downloader.post_timeout_s = 1.0
+        began = time.monotonic()
+        with pytest.raises(DownloadFailed, match="longer than 1 s") as caught:
+            await asyncio.wait_for(downloader.post(drip.url("/hook"), content=b"{}", headers={}), 30)
+        assert time.monotonic() - began < 5
+    assert caught.value.retryable is True
+
+
+async def test_a_webhook_that_never_answers_is_cut_by_the_post_deadline() -> None:
+    # The read timeout is far longer than the POST's deadline: the deadline must cut it.
+    with FakeHttpServer() as silent:
+        silent.route("/hook", delay_s=20.0, status=204)
+        async with build_http_client(connect_timeout_s=2.0, read_timeout_s=60.0) as patient:
+            downloader = loopback_downloader(patient)
+            downloader.post_timeout_s = 1.0
+            began = time.monotonic()
+            with pytest.raises(DownloadFailed, match="longer than 1 s"):
+                await asyncio.wait_for(downloader.post(silent.url("/hook"), content=b"{}", headers={}), 30)
+            assert time.monotonic() - began < 5

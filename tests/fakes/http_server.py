@@ -40,6 +40,8 @@ class Route:
     interval_s: float = 0.0
     # Repeat `body` without end (up to the server's max_body_bytes) instead of sending it once.
     endless: bool = False
+    # Sent once before `body` (counted in max_body_bytes): e.g. the start of a stream `body` continues.
+    prefix: bytes = b""
     # Reset the connection (TCP RST) instead of answering, or after this many body bytes.
     reset: bool = False
     reset_after_bytes: int | None = None
@@ -188,6 +190,9 @@ def _make_handler(owner: FakeHttpServer) -> type[BaseHTTPRequestHandler]:
         def _send_body(self, route: Route) -> None:
             sent = 0
             limit = owner.max_body_bytes
+            if route.prefix:
+                self.wfile.write(route.prefix[:limit])
+                sent += min(len(route.prefix), limit)
             piece = route.chunk_size or max(len(route.body), 1)
             while sent < limit and not owner._stopping.is_set():
                 for start in range(0, len(route.body), piece):
