@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     input_retention_hours: float = Field(default=24.0, gt=0)
     retention_interval_s: float = Field(default=900.0, ge=10)
 
+    # --- web studio
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+
     @field_validator("ai_provider")
     @classmethod
     def _known_provider(cls, v: str | None) -> str | None:
@@ -201,6 +204,7 @@ DESCRIPTIONS = {
     "input_retention_hours": "input images (uploads and downloaded inputs) are deleted this long after the "
                              "generation that used them ended (unused uploads: after their upload)",
     "retention_interval_s": "how often the retention schedule runs its clean-up workflow",
+    "temporal_ui_url": "base URL of the Temporal Web UI; the web studio links operators to each generation's history there",
 }
 for _name, _text in DESCRIPTIONS.items():
     Settings.model_fields[_name].description = _text

@@ -40,6 +40,12 @@ def pytest_sessionfinish(session, exitstatus):
     _exit_status.append(int(exitstatus))
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.browser import report_skipped
+
+    report_skipped(terminalreporter)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     if _exit_status and os.environ.get("ATELIER_TEST_HARD_EXIT", "1") == "1":

@@ -20,7 +20,7 @@ from temporalio.client import Client
 from atelier.blobstore import BlobStore
 from atelier.db import create_engine
 from atelier.settings import Settings, load_settings
-from starter.api import admin, files, generations, health, library
+from starter.api import admin, files, generations, health, library, web
 from starter.api.context import ApiContext
 from starter.api.cursors import cursor_key
 from starter.api.errors import install_error_handlers
@@ -80,8 +80,9 @@ def create_app(settings: Settings, *, client: Client | None = None, engine: Asyn
         if client is not None and engine is not None and blobs is not None else None
     )
     install_error_handlers(app)
-    for router in (generations.router, files.router, library.router, admin.router, health.router):
+    for router in (generations.router, files.router, library.router, admin.router, health.router, web.router):
         app.include_router(router)
+    web.install_studio(app, settings)
     # Last added runs first: metrics see every answer, including a refused body.
     app.add_middleware(BodyLimitMiddleware, default_limit=JSON_BODY_LIMIT,
                        limits={"/v1/uploads": settings.max_download_bytes + MULTIPART_OVERHEAD})

@@ -135,7 +135,8 @@ async def create_generation(
         # A quick refusal; the workflow's atomic charge stays the authority.
         if facts.balance < req.cost:
             raise ApiError(402, "InsufficientCredits",
-                           f"a {req.kind} generation costs {req.cost} credits; your balance is {facts.balance}")
+                           f"a {req.kind} generation costs {req.cost} credits; your balance is {facts.balance}",
+                           needed=req.cost, balance=facts.balance)
         if key:
             record = await idempotency.claim(ctx.engine, user_id=user_id, key=key, body_hash=digest,
                                              task_id=req.task_id, ttl_hours=ctx.settings.idempotency_ttl_hours)

@@ -39,6 +39,8 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="a stable name for the error, e.g. InvalidRequest, NotFound")
     message: str = Field(description="what went wrong, for people")
     status: str | None = Field(default=None, description="the generation's status, when that is the reason")
+    needed: int | None = Field(default=None, description="402: the credits the generation costs")
+    balance: int | None = Field(default=None, description="402: the caller's balance")
 
 
 class ErrorResponse(BaseModel):
