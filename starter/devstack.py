@@ -115,11 +115,14 @@ def main() -> int:
                 print("[run] the Temporal dev server did not start within 30 s", file=sys.stderr)
                 return 1
             print(f"[run] Temporal Web UI: http://{host}:{args.ui_port}", flush=True)
+            # The studio links operators to this UI.
+            env.setdefault("ATELIER_TEMPORAL_UI_URL", f"http://{host}:{args.ui_port}")
         subprocess.run([sys.executable, "-m", "atelier.migrate", "upgrade"], cwd=ROOT, env=env, check=True)
         spawn("worker", [sys.executable, "worker.py"])
         if not args.no_api:
             spawn("api", [sys.executable, "-m", "starter.api"])
-            print(f"[run] API: http://{settings.api_host}:{settings.api_port} (docs at /docs)", flush=True)
+            print(f"[run] web studio: http://{settings.api_host}:{settings.api_port}/ "
+                  f"(API under /v1, docs at /docs)", flush=True)
         print(f"[run] AI provider: {settings.provider}; Ctrl-C stops everything", flush=True)
         restarts = 0
         while not stopping:

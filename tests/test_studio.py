@@ -113,7 +113,7 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     api_url = generation["result"]["images"][0]["url"]
     assert shown["apiUrl"].split("?")[0] == api_url.split("?")[0]
     if "?" in api_url:  # a signed link: loaded as it is, without the key
-        assert shown["source"] == "link"
+        assert shown["source"] == "link" and shown["src"] == shown["apiUrl"]
     else:
         assert shown["source"] == "fetched"
     download = page.locator(".result a[download]")

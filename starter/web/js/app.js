@@ -235,7 +235,8 @@ function renderWatch(root, id) {
     h("h2", { id: "watch-title", class: "visually-hidden" }, "Progress"),
     h("div", { class: "stage-row" }, stage, percent), progress, queue, facts, steps, connection, actions);
   const outcome = h("section", { class: "outcome", hidden: true });
-  replace(root, h("div", { class: "page-head" }, eyebrow, title), live, outcome);
+  const layout = h("div", { class: "watch-layout" }, live, outcome);
+  replace(root, h("div", { class: "page-head" }, eyebrow, title), layout);
 
   const seen = [];
   let finished = false;
@@ -318,6 +319,7 @@ function renderWatch(root, id) {
       title.textContent = g.kind === "fitting" ? "Your try-on is ready" : "Your portrait is ready";
       document.title = "Ready · Atelier studio";
       live.classList.add("compact");
+      layout.classList.add("done");
       const images = (g.result && g.result.images) || [];
       const gallery = h("div", { class: "result-images" });
       for (const [index, image] of images.entries()) {
@@ -404,7 +406,7 @@ async function renderWorks(root) {
             h("span", { class: `badge ${work.kind}` }, KIND_NAMES[work.kind] || work.kind),
             h("p", { class: "work-prompt" }, work.prompt || h("span", { class: "muted" }, "No prompt")),
             h("p", { class: "work-date muted" }, h("time", { datetime: work.created_at }, when(work.created_at)))))));
-      if (image) showImage(img, image.url, { width: found.thumbnails ? 384 : null });
+      if (image) showImage(img, image.url, { width: found.thumbnails ? 512 : null });
     }
     cursor = page.next_cursor;
     more.hidden = !cursor;

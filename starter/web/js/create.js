@@ -86,8 +86,11 @@ function countRange(terms, slot) {
   return kind.images;
 }
 
+let onFormChange = null;
+
 function formChanged() {
   form.submitKey = null;
+  if (onFormChange) onFormChange();
 }
 
 export async function renderCreate(root, ctx) {
@@ -177,6 +180,7 @@ export async function renderCreate(root, ctx) {
       drawList();
       await Promise.all(entries.map((entry) => check(entry, terms)));
       drawList();
+      if (onFormChange) onFormChange();
       if (chosen.length > taken.length) {
         ctx.notify(`Only ${range.max} ${range.max === 1 ? "photo fits" : "photos fit"} here; the others were left out.`);
       }
@@ -273,19 +277,21 @@ export async function renderCreate(root, ctx) {
     return found;
   }
 
-  function showProblems(list, title = "Before you submit") {
+  function showProblems(list, { focus = true } = {}) {
     if (!list.length) {
       problems.hidden = true;
       return;
     }
-    replace(problems, h("h2", {}, icon("alert"), title), h("ul", {}, list.map((p) => h("li", {}, p.text))));
+    replace(problems, h("h2", {}, icon("alert"), "Before you submit"), h("ul", {}, list.map((p) => h("li", {}, p.text))));
+    problems.dataset.kind = "check";
     problems.hidden = false;
-    problems.focus();
+    if (focus) problems.focus();
   }
 
   function showFailure(err) {
     const [what, next] = apiProblem(err);
     replace(problems, h("h2", {}, icon("alert"), what), h("p", {}, next));
+    problems.dataset.kind = "answer";
     problems.hidden = false;
     problems.focus();
   }
@@ -350,6 +356,10 @@ export async function renderCreate(root, ctx) {
         costLine, costHint, problems, submit),
       ctx.runningList()));
 
+  // A list of problems on screen follows the form: fixed ones go away as they are fixed.
+  onFormChange = () => {
+    if (!problems.hidden && problems.dataset.kind === "check") showProblems(validate(), { focus: false });
+  };
   drawSlots();
   drawStyle();
   refreshCost();

@@ -1,4 +1,4 @@
-// Building the page from data without innerHTML: text from the API is never parsed as HTML.
+// Building the page from data with DOM nodes only: text from the API is never parsed as HTML.
 
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);

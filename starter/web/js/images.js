@@ -29,8 +29,8 @@ function loaded(img) {
 
 async function fetched(url) {
   const path = new URL(url, location.href);
-  // Bearer access to /v1/files/{key} is always there; the signature is not needed then.
-  const target = path.origin === location.origin ? path.pathname : url;
+  // Bearer access to /v1/files/{key} is always there: with the key, no signature is needed.
+  const target = path.origin === location.origin ? path.pathname.replace(/^\/v1\/images\//, "/v1/files/") : url;
   const response = await fetch(target, {
     headers: { Authorization: `Bearer ${session.key}` }, cache: "default", credentials: "omit",
   });
