@@ -21,7 +21,7 @@ from starlette.types import Scope
 from atelier.images import ACCEPTED
 from atelier.messages import Kind
 from atelier.settings import Settings
-from atelier.validation import IMAGE_COUNTS, MAX_PROMPT_CHARS, MAX_STYLE_CHARS
+from atelier.validation import current_limits, image_counts
 from starter.api.auth import require_admin
 from starter.api.context import ApiContext, context
 from starter.api.schemas import ErrorResponse
@@ -64,9 +64,11 @@ class TemporalUi(BaseModel):
 @router.get("/v1/limits", response_model=Limits, summary="What a generation accepts and costs (no key needed)")
 async def limits(ctx: ApiContext = Depends(context)) -> dict:
     settings = ctx.settings
+    checked = current_limits()  # what a request submitted now is checked against
+    counts = image_counts(checked)
     kinds = {}
     for kind in Kind:
-        low, high = IMAGE_COUNTS[kind.value]
+        low, high = counts[kind.value]
         terms = {"cost": settings.cost_of(kind.value), "images": {"min": low, "max": high}}
         if kind is Kind.FITTING:
             terms["garments"] = {"min": low - 1, "max": high - 1}
@@ -75,8 +77,8 @@ async def limits(ctx: ApiContext = Depends(context)) -> dict:
         "kinds": kinds,
         "upload": {"max_bytes": settings.max_download_bytes, "content_types": sorted(ACCEPTED),
                    "max_pixels": settings.max_image_pixels},
-        "max_prompt_chars": MAX_PROMPT_CHARS,
-        "max_style_chars": MAX_STYLE_CHARS,
+        "max_prompt_chars": checked.max_prompt_chars,
+        "max_style_chars": checked.max_style_chars,
     }
 
 
