@@ -16,7 +16,7 @@ from pathlib import Path
 
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 CONTENT_TYPES = {ext: ctype for ctype, ext in _EXTENSIONS.items()}
-_KEY = re.compile(r"^[0-9a-f]{64}\.(jpg|png|webp)$")
+_KEY = re.compile(r"[0-9a-f]{64}\.(jpg|png|webp)")  # fullmatch: "$" would let "\n" through
 # Widths of the thumbnails kept beside a blob (see atelier/thumbnails.py); deleting a blob deletes them.
 THUMBNAIL_WIDTHS = (256, 512, 1024)
 
@@ -30,7 +30,7 @@ class InvalidBlobKey(ValueError):
 
 
 def content_type_of(key: str) -> str:
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise InvalidBlobKey(key)
     return CONTENT_TYPES[key.rsplit(".", 1)[1]]
 
@@ -42,7 +42,7 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise InvalidBlobKey(key)
         return self.root / key[:2] / key[2:4] / key
 

@@ -45,7 +45,10 @@ POST_TIMEOUT_S = 15.0
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # What inet_aton accepts: 1 to 4 parts, each decimal, octal (leading 0) or hex (0x).
-_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
+_NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?", re.IGNORECASE | re.ASCII)
+
+# Not str.isdigit, which takes "²" (and int() then refuses it).
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 
 
 async def system_resolver(host: str) -> list[str]:
@@ -63,7 +66,7 @@ def literal_address(host: str) -> IPAddress | None:
         return ipaddress.ip_address(bare.split("%", 1)[0])
     except ValueError:
         pass
-    if _NUMERIC_HOST.match(bare):
+    if _NUMERIC_HOST.fullmatch(bare):
         try:
             return ipaddress.IPv4Address(socket.inet_aton(bare.rstrip(".")))
         except OSError:
@@ -332,7 +335,7 @@ class Downloader:
     async def _read_body(self, response: httpx.Response, url: httpx.URL,
                          on_progress: ProgressCallback | None) -> bytes:
         declared = response.headers.get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and _DECIMAL.fullmatch(declared.strip()) and int(declared) > self.max_bytes:
             raise BadImage(f"image is larger than {self.max_bytes} bytes "
                            f"(Content-Length {int(declared)} from {display_url(url)})", retryable=False)
         body = bytearray()

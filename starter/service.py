@@ -289,7 +289,7 @@ async def cancel_generation(client: Client, task_id: str) -> None:
 LIST_TIMEOUT = timedelta(seconds=10)
 # What may be spliced into a visibility query: ids we minted and enum values, nothing else.
 _TERMINAL = frozenset(s.value for s in Status if s.terminal)
-_QUERY_SAFE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+_QUERY_SAFE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 
 @dataclass
@@ -343,7 +343,7 @@ async def describe_generation(client: Client, task_id: str) -> GenerationSummary
 
 
 def _quoted(value: str) -> str:
-    if not _QUERY_SAFE.match(value):
+    if not _QUERY_SAFE.fullmatch(value):
         raise ValueError(f"not a value for a visibility query: {value!r}")
     return f'"{value}"'
 

@@ -32,7 +32,7 @@ BLOCKED_FINISH_REASONS = frozenset({
     "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
 })
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _OUTPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _MAX_ERROR_TEXT = 300
 # A Retry-After beyond this is a misconfigured server, not advice worth following.
@@ -118,7 +118,7 @@ class GeminiProvider:
 
     async def generate(self, request: GenerationInput) -> list[GeneratedImage]:
         model = request.model.removeprefix("models/")
-        if not _MODEL_NAME.match(model):
+        if not _MODEL_NAME.fullmatch(model):
             raise ProviderRejected(f"invalid Gemini model name {model!r}")
         body = await self.build_body(request)
         url = f"{self._base_url}/v1beta/models/{model}:generateContent"

@@ -149,6 +149,17 @@ CASES = [
                                                   "headers": ctx.user.auth}, refused(404), False),
     RequestCase("file-traversal-key", lambda ctx: {"method": "GET", "path": "/v1/files/..%2F..%2Fatelier.db",
                                                    "headers": ctx.user.auth}, refused(404), False),
+    # keys guarded by a pattern: "$" matches before a final newline, only fullmatch refuses it
+    RequestCase("file-key-trailing-newline", lambda ctx: {"method": "GET", "path": f"/v1/files/{'a' * 64}.jpg%0A",
+                                                          "headers": ctx.user.auth}, refused(404), False),
+    RequestCase("file-key-trailing-newline-thumbnail", lambda ctx: {
+        "method": "GET", "path": f"/v1/files/{'a' * 64}.png%0A?w=256", "headers": ctx.user.auth}, refused(404), False),
+    RequestCase("signed-image-key-trailing-newline", lambda ctx: {
+        "method": "GET", "path": f"/v1/images/{'a' * 64}.jpg%0A?owner={ctx.user.user_id}&expires=9999999999"
+                                 f"&sig={'A' * 43}"}, refused(403, 404), False),
+    RequestCase("signed-image-expires-not-ascii", lambda ctx: {
+        "method": "GET", "path": f"/v1/images/{'a' * 64}.jpg?owner={ctx.user.user_id}&expires=%C2%B2"
+                                 f"&sig={'A' * 43}"}, refused(403, 404), False),
     RequestCase("list-forged-cursor", lambda ctx: {"method": "GET", "path": "/v1/generations?cursor=" + "A" * 200,
                                                    "headers": ctx.user.auth}, refused(400), False),
     RequestCase("list-limit-huge", lambda ctx: {"method": "GET", "path": "/v1/generations?limit=100000000",
