@@ -4,7 +4,8 @@
 JPEG, PNG and WebP (told apart by their first bytes, never by a Content-Type header),
 refuses decompression bombs before decoding, applies the EXIF orientation, bounds the
 longest side and re-encodes: PNG when the image has transparency, JPEG otherwise.
-Re-encoding also drops the metadata (EXIF with its GPS position, comments).
+Re-encoding drops all metadata (EXIF with its GPS position, XMP, JPEG comments, PNG text
+chunks) but the colour profile.
 
 It is synchronous and CPU-bound: callers run it in a thread.
 """
@@ -223,6 +224,9 @@ def _cmyk_to_rgb(image: Image.Image, icc: object) -> Image.Image:
 
 def _save(image: Image.Image, fmt: str, *, icc_profile: bytes | None, **options) -> PreparedImage:
     out = io.BytesIO()
+    # Encoders pick some metadata from `info` (the JPEG encoder writes info["comment"], which a
+    # PNG's text chunk can set too): nothing read from the input may reach the output.
+    image.info = {}
     if icc_profile:
         options["icc_profile"] = icc_profile
     image.save(out, fmt, **options)

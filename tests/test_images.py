@@ -230,3 +230,57 @@ def test_output_always_within_bounds(width: int, height: int, max_side: int, as_
         if min(width, height) * max_side / max(width, height) >= 1:
             ratio_error = abs(prepared.width / prepared.height - width / height)
             assert ratio_error <= (width / height) * (2 / min(prepared.width, prepared.height)) + 1e-9
+
+
+# ---- metadata (issue 10 #7): only the colour profile survives
+
+
+SECRET = "SECRET-lat-48.8566-lon-2.3522"
+
+
+def _source_image(mode: str) -> Image.Image:
+    if mode == "RGBA":
+        image = Image.new("RGBA", (64, 48), (200, 30, 30, 255))
+        image.paste((0, 0, 0, 0), (32, 0, 64, 48))  # really transparent: the output stays PNG
+        return image
+    return Image.new("RGB", (64, 48), (30, 120, 200))
+
+
+def _srgb_icc() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_a_jpeg_comment_does_not_survive() -> None:
+    out = io.BytesIO()
+    _source_image("RGB").save(out, "JPEG", comment=SECRET.encode(), icc_profile=_srgb_icc())
+    assert SECRET.encode() in out.getvalue() and b"\xff\xfe" in out.getvalue()  # a COM segment
+    prepared = prepare_image(out.getvalue())
+    assert SECRET.encode() not in prepared.data
+    assert b"\xff\xfe" not in prepared.data[: prepared.data.find(b"\xff\xda")]  # no COM before the scan
+    assert "comment" not in decode(prepared).info
+    assert decode(prepared).info.get("icc_profile") == _srgb_icc()  # the colour profile is kept
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"], ids=["opaque-becomes-jpeg", "transparent-stays-png"])
+def test_png_text_chunks_do_not_survive(mode: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("comment", SECRET + "-tEXt")  # "comment" is what a JPEG encoder would pick up
+    info.add_text("Description", SECRET + "-zTXt", zip=True)
+    info.add_itxt("Author", SECRET + "-iTXt", lang="en", tkey="Autor")
+    info.add_itxt("XML:com.adobe.xmp", f"<x:xmpmeta>{SECRET}-xmp</x:xmpmeta>")
+    out = io.BytesIO()
+    _source_image(mode).save(out, "PNG", pnginfo=info, icc_profile=_srgb_icc())
+    source = out.getvalue()
+    assert all(chunk in source for chunk in (b"tEXt", b"zTXt", b"iTXt"))
+
+    prepared = prepare_image(source)
+    assert prepared.content_type == ("image/png" if mode == "RGBA" else "image/jpeg")
+    assert b"SECRET" not in prepared.data
+    assert all(chunk not in prepared.data for chunk in (b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"\xff\xfe"))
+    image = decode(prepared)
+    assert not {"comment", "Description", "Author", "XML:com.adobe.xmp", "xmp"} & set(image.info)
+    assert image.info.get("icc_profile") == _srgb_icc()
