@@ -12,7 +12,7 @@ from temporalio import activity
 from activities.errors import to_application_error
 from atelier import model_health
 from atelier.blobstore import BlobStore
-from atelier.errors import AtelierError, ContentBlocked, ProviderRejected, ProviderUnavailable
+from atelier.errors import AtelierError, BadImage, ContentBlocked, ProviderRejected, ProviderUnavailable
 from atelier.images import store_image
 from atelier.messages import AiOutput, AiRequest
 from atelier.providers.base import GenerationInput, Provider
@@ -64,10 +64,17 @@ class AiActivities:
                 )
             if not generated:
                 raise ProviderRejected("the provider answered without an image")
-            stored = [await store_image(self.blobs, g.data, max_side=MAX_OUTPUT_SIDE, max_pixels=MAX_OUTPUT_PIXELS)
-                      for g in generated]
+            stored = [await self._store_output(g.data) for g in generated]
         except AtelierError as err:
             if isinstance(err, (ProviderUnavailable, ProviderRejected)) and not isinstance(err, ContentBlocked):
                 await model_health.record_failure(self.engine, req.model, err.code)
             raise to_application_error(err) from None
         return AiOutput(images=stored, model=req.model, provider=req.provider)
+
+    async def _store_output(self, data: bytes):
+        try:
+            return await store_image(self.blobs, data, max_side=MAX_OUTPUT_SIDE, max_pixels=MAX_OUTPUT_PIXELS)
+        except BadImage as bad:
+            # An unreadable output is the provider's failure, not the user's image: retried, and
+            # then the next model, like any other provider fault.
+            raise ProviderUnavailable(f"the provider returned an image that cannot be read: {bad.message}") from None

@@ -205,6 +205,29 @@ async def test_primary_model_down_falls_back_to_second(harness_factory):
     await assert_money(h, handle.id, Status.COMPLETED, 10)
 
 
+async def test_a_corrupt_image_from_the_provider_is_retried_then_the_next_model_is_tried(harness_factory):
+    """Issue 10 #8: a truncated PNG from the provider is the provider's failure (ProviderUnavailable,
+    recorded in model health), never the user's BadImage: retried, then the next model."""
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.truncated()] * 3)
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+        assert result.status == "completed" and result.model == SECONDARY, result
+        assert [r.model for r in fake.requests] == [PRIMARY] * 3 + [SECONDARY]
+        assert [r.reply for r in fake.requests] == ["truncated"] * 3 + ["ok"]
+    assert await h.deps.blobs.get(result.images[0].key)
+    async with h.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from atelier.db import model_failures
+        recorded = (await conn.execute(select(model_failures.c.model, model_failures.c.error_code))).all()
+    assert [(r.model, r.error_code) for r in recorded] == [(PRIMARY, "ProviderUnavailable")] * 3
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
 # ---- cancellation ------------------------------------------------------------------------------
 
 

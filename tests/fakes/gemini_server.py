@@ -44,13 +44,13 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
 
-_PATH = re.compile(r"^/v1beta/models/([^/:]+):generateContent$")
+_PATH = re.compile(r"/v1beta/models/([^/:]+):generateContent")
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     408: "DEADLINE_EXCEEDED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "UNAVAILABLE",
     503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
 }
-_KINDS = {"ok", "status", "blocked", "finish", "no_image", "garbage", "hang", "reset"}
+_KINDS = {"ok", "status", "blocked", "finish", "no_image", "garbage", "hang", "reset", "truncated"}
 
 
 @dataclass
@@ -101,6 +101,11 @@ class Reply:
     @classmethod
     def no_image(cls, text: str = "I can only describe it in words.") -> Reply:
         return cls("no_image", text=text)
+
+    @classmethod
+    def truncated(cls) -> Reply:
+        """A well-formed answer whose image is a PNG cut in half: the provider's own failure."""
+        return cls("truncated")
 
     @classmethod
     def garbage(cls) -> Reply:
@@ -437,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_fake/"):
             return self._control(path, raw)
 
-        match = _PATH.match(path)
+        match = _PATH.fullmatch(path)
         model = match.group(1) if match else None
         try:
             body: Any = json.loads(raw) if raw else None
@@ -522,7 +527,10 @@ class _Handler(BaseHTTPRequestHandler):
         source = _first_input_image(body) if reply.derived else None
         parts: list[dict[str, Any]] = [{"text": reply.text}] if reply.text else []
         for index in range(reply.image_count):
-            data = base64.b64encode(make_png(model, index, source)).decode("ascii")
+            png = make_png(model, index, source)
+            if reply.kind == "truncated":
+                png = png[: len(png) // 2]
+            data = base64.b64encode(png).decode("ascii")
             if reply.snake_case:
                 parts.append({"inline_data": {"mime_type": "image/png", "data": data}})
             else:
