@@ -66,6 +66,7 @@ class AiActivities:
                 raise ProviderRejected("the provider answered without an image")
             stored = [await self._store_output(g.data) for g in generated]
         except AtelierError as err:
+            # A 429 is the quota speaking, not the model failing: it never marks the model unhealthy.
             if isinstance(err, (ProviderUnavailable, ProviderRejected)) and not isinstance(err, ContentBlocked):
                 await model_health.record_failure(self.engine, req.model, err.code)
             raise to_application_error(err) from None

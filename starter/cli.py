@@ -283,9 +283,10 @@ async def _replay(args) -> int:
     from temporalio.client import WorkflowHistory
     from temporalio.worker import Replayer
 
+    from workflows.admission import ModelAdmissionWorkflow
     from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
 
-    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow])
+    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow])
     failures = 0
     for name in args.paths:
         path = Path(name)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from atelier.blobstore import BlobStore
-from atelier.errors import BadImage, ContentBlocked, ProviderRejected, ProviderUnavailable
+from activities.errors import to_application_error
+from atelier.errors import BadImage, ContentBlocked, ProviderBusy, ProviderRejected, ProviderUnavailable
 from atelier.messages import StoredImage
 from atelier.providers import GeminiProvider, LocalProvider, build_prompt, build_providers
 from atelier.providers.base import GenerationInput
@@ -126,13 +127,37 @@ def test_prompt_templates_and_reserved_keys():
 # ---- errors ------------------------------------------------------------------------------
 
 
-async def test_429_with_retry_after_is_retryable(gemini, fake, person):
+async def test_429_is_provider_busy_with_its_retry_after(gemini, fake, person):
     fake.plan(MODEL, [Reply.status(429, retry_after=7, message="Resource has been exhausted")])
-    with pytest.raises(ProviderUnavailable) as caught:
+    with pytest.raises(ProviderBusy) as caught:
         await gemini.generate(_request([person], kind="photography"))
-    assert caught.value.retryable and caught.value.retry_after_s == 7
+    # Not retried by the activity: the workflow waits, without spending an attempt.
+    assert not caught.value.retryable and caught.value.retry_after_s == 7
+    assert caught.value.code == "ProviderBusy"
     assert "Resource has been exhausted" in caught.value.message
     _assert_no_key(caught.value)
+    error = to_application_error(caught.value)
+    assert error.type == "ProviderBusy" and error.non_retryable and error.details == (7.0,)
+
+
+@pytest.mark.parametrize("retry_after,expected", [(None, None), ("12", 12.0), ("1" * 80, None), ("-3", None),
+                                                  ("1e9", None), ("99999", 3600.0)])
+async def test_429_with_or_without_a_usable_retry_after(gemini, fake, person, retry_after, expected):
+    fake.plan(MODEL, [Reply.status(429, retry_after=retry_after)])
+    with pytest.raises(ProviderBusy) as caught:
+        await gemini.generate(_request([person], kind="photography"))
+    assert caught.value.retry_after_s == expected
+
+
+async def test_resource_exhausted_in_the_body_and_its_retry_delay(gemini, fake, person):
+    fake.plan(MODEL, [Reply.status(429, message="quota", retry_delay="27s"),
+                      Reply.status(429, message="quota", retry_delay="9" * 70 + "s")])
+    with pytest.raises(ProviderBusy) as caught:
+        await gemini.generate(_request([person], kind="photography"))
+    assert caught.value.retry_after_s == 27.0
+    with pytest.raises(ProviderBusy) as caught:
+        await gemini.generate(_request([person], kind="photography"))
+    assert caught.value.retry_after_s is None
 
 
 def test_retry_after_http_date():
@@ -217,7 +242,7 @@ async def test_remote_control_endpoints(gemini, fake, person):
     remote = RemoteFakeGemini(fake.url)
     try:
         await asyncio.to_thread(remote.plan, MODEL, [Reply.status(429, retry_after=2)])
-        with pytest.raises(ProviderUnavailable) as caught:
+        with pytest.raises(ProviderBusy) as caught:
             await gemini.generate(_request([person], kind="photography"))
         assert caught.value.retry_after_s == 2
         [seen] = await asyncio.to_thread(remote.requests)
@@ -279,3 +304,21 @@ async def test_build_providers(client, blobs, monkeypatch):
     assert set(build_providers(Settings(), client, blobs)) == {"local"}
     providers = build_providers(Settings(gemini_api_key=API_KEY), client, blobs)
     assert set(providers) == {"local", "gemini"} and providers["gemini"].name == "gemini"
+
+
+async def test_fake_quota_mode_serves_n_at_once_and_answers_429_beyond(gemini, fake, person):
+    fake.set_quota(max_in_flight=2, call_s=1.0, retry_after="3")
+    outcomes = await asyncio.gather(*(gemini.generate(_request([person], kind="photography")) for _ in range(5)),
+                                    return_exceptions=True)
+    busy = [o for o in outcomes if isinstance(o, ProviderBusy)]
+    assert len(busy) == 3 and all(b.retry_after_s == 3.0 for b in busy)
+    assert sum(isinstance(o, list) for o in outcomes) == 2
+    stats = fake.quota_stats()
+    assert (stats.max_in_flight_seen, stats.busy_answers, stats.served, stats.in_flight) == (2, 3, 2, 0)
+    remote = RemoteFakeGemini(fake.url)
+    try:
+        assert (await asyncio.to_thread(remote.quota_stats)).busy_answers == 3
+        await asyncio.to_thread(remote.set_quota, None)
+        assert fake.quota_stats().busy_answers == 0
+    finally:
+        remote.close()

@@ -22,6 +22,7 @@ from atelier.messages import ImageInput
 from tests.fakes import images as fake_images
 from tests.fakes.gemini_server import FakeGemini, Reply
 from tests.reordered_workflow import ReorderedGenerationWorkflow
+from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -32,6 +33,17 @@ PRIMARY = "gemini-2.5-flash-image"
 def load(name: str) -> WorkflowHistory:
     path = HISTORIES / f"{name}.json"
     return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+# The waiting path of model admission (recorded by test_record_admission_histories): a generation
+# that waited in line, one that waited out 429s, one canceled in line, and the admission workflow.
+ADMISSION_HISTORIES = ["admission/waited_in_line", "admission/busy_then_ok", "admission/canceled_in_line",
+                       "admission/admission_workflow"]
+
+
+def test_admission_histories_are_recorded():
+    missing = [n for n in ADMISSION_HISTORIES if not (HISTORIES / f"{n}.json").is_file()]
+    assert not missing, f"record them: ATELIER_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record ({missing})"
 
 
 def test_every_required_history_is_recorded():
@@ -48,7 +60,7 @@ ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
 @pytest.mark.parametrize("path", ALL_HISTORIES, ids=[str(p.relative_to(HISTORIES)) for p in ALL_HISTORIES])
 async def test_recorded_history_replays_against_current_code(path):
-    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow])
+    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow])
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
@@ -120,3 +132,52 @@ async def test_record_histories(harness_factory):
                 await handle.result()
                 await asyncio.to_thread(receiver.wait_for_success, timeout=30)
                 await save(handle, "success_webhook")
+
+
+@pytest.mark.skipif(os.environ.get("ATELIER_RECORD_HISTORIES") != "1", reason="set ATELIER_RECORD_HISTORIES=1 to re-record")
+async def test_record_admission_histories(harness_factory, tmp_path):
+    import json
+
+    from atelier.messages import admission_workflow_id
+
+    folder = HISTORIES / "admission"
+    folder.mkdir(exist_ok=True)
+
+    async def save(handle, name):
+        (folder / f"{name}.json").write_text((await handle.fetch_history()).to_json())
+
+    model = "quota-image-model"
+    catalogue = tmp_path / "models.json"
+    catalogue.write_text(json.dumps({"models": [
+        {"name": model, "provider": "gemini", "priority": 1, "cost": 1, "max_concurrent": 1}]}))
+    async with FakeGemini(api_key="test-key") as fake:
+        h = await harness_factory(ai_provider="gemini", gemini_api_key="test-key", gemini_base_url=fake.url,
+                                  model_catalogue=catalogue)
+        user = await h.user(1000)
+        photo = [ImageInput(file_id=await h.upload(user, fake_images.jpeg(200, 160)))]
+        async with h.worker():
+            fake.plan(model, [Reply.slow(2.0)])
+            first = await h.start(user, "photography", photo)
+            await fake.wait_for_requests(1, timeout_s=30)
+            second = await h.start(user, "photography", photo)
+            await first.result()
+            await second.result()
+            await save(second, "waited_in_line")
+
+            fake.plan(model, [Reply.status(429, retry_after="0.5")] * 2 + [Reply.ok()])
+            handle = await h.start(user, "photography", photo)
+            await handle.result()
+            await save(handle, "busy_then_ok")
+
+            fake.plan(model, [Reply.slow(3.0)])
+            blocker = await h.start(user, "photography", photo)
+            await fake.wait_for_requests(len(fake.requests) + 1, timeout_s=30)
+            waiting = await h.start(user, "photography", photo)
+            await asyncio.sleep(1.0)
+            await waiting.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await waiting.result()
+            await blocker.result()
+            await save(waiting, "canceled_in_line")
+            admission = h.client.get_workflow_handle(admission_workflow_id(model, h.settings.task_queue))
+            await save(admission, "admission_workflow")

@@ -12,6 +12,7 @@ cancels it. The workflow is the only writer of a generation's status: the `progr
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
@@ -26,6 +27,7 @@ from temporalio.exceptions import (
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
+    from activities.admission import AdmissionActivities
     from activities.ai import AiActivities
     from activities.credits import CreditActivities
     from activities.images import ImageActivities
@@ -53,8 +55,12 @@ with workflow.unsafe.imports_passed_through():
         RefundRequest,
         SaveWorkRequest,
         SelectModelRequest,
+        SlotGrant,
+        SlotRelease,
+        SlotRequest,
         Stage,
         Status,
+        admission_workflow_id,
     )
     from atelier.validation import validate_request
     from workflows import policies
@@ -183,6 +189,21 @@ def _backoff(n: int, initial: float, maximum: float, asked: float | None) -> flo
     return max(0.5, min(wait, maximum))
 
 
+@dataclass
+class _Slot:
+    """This generation's place with the models' admission workflows (see workflows/admission.py)."""
+
+    seq: int = 0
+    # The ticket waited for or held (None: neither), and whether it was granted.
+    ticket: str | None = None
+    granted: bool = False
+    # When the generation first joined a line: a re-request after a 429 keeps its place.
+    since: float | None = None
+    # model -> its admission workflow's id, as request_slot answered.
+    admission_ids: dict[str, str] = field(default_factory=dict)
+    sends: list[asyncio.Task] = field(default_factory=list)
+
+
 @workflow.defn(name="GenerationWorkflow")
 class GenerationWorkflow:
     def __init__(self) -> None:
@@ -194,6 +215,7 @@ class GenerationWorkflow:
         self._ai_started = False
         self._started_sent = False
         self._deliveries: list[asyncio.Task] = []
+        self._slot = _Slot()
 
     @workflow.query
     def progress(self) -> Progress:
@@ -212,6 +234,16 @@ class GenerationWorkflow:
             return
         p.queue_position, p.eta_s = update.position, update.eta_s
         self._changed()
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        """The model's admission workflow hands this generation a call slot."""
+        s = self._slot
+        if grant.ticket == s.ticket:
+            s.granted = True
+        else:
+            # A grant that crossed this generation's giving up: hand it straight back.
+            self._send_release(grant.model, grant.ticket, "withdrawn", None)
 
     # ---- progress and status: the workflow is their only writer ----------------------
 
@@ -553,11 +585,60 @@ class GenerationWorkflow:
 
     async def _wait_for_slot(self, req: GenerationRequest, choice: ModelChoice) -> None:
         """Wait until the model's quota has a slot for this generation (admission; see workflows/admission.py)."""
-        return None
+        if not choice.admission or not workflow.patched(PATCH_MODEL_ADMISSION):
+            return
+        s, t = self._slot, req.timeouts
+        s.seq += 1
+        ticket = s.ticket = f"{req.task_id}:{s.seq}"
+        s.granted = False
+        if s.since is None:
+            s.since = workflow.now().timestamp()
+        self._stage(Stage.WAITING_FOR_MODEL)
+        try:
+            answer = await workflow.execute_activity_method(
+                AdmissionActivities.request_slot,
+                SlotRequest(ticket=ticket, task_id=req.task_id, user_id=req.user_id, priority=req.priority,
+                            model=choice.model, enqueued_at=s.since, max_concurrent=choice.max_concurrent,
+                            per_minute=choice.per_minute,
+                            # The slot is held for one attempt: its wait for a worker, then its run.
+                            lease_s=t.ai_schedule_to_start_s + t.ai_start_to_close_s + 60),
+                start_to_close_timeout=seconds(t.short_start_to_close_s),
+                retry_policy=policies.ADMISSION_RETRY,
+                summary=f"Wait in line for a slot of {choice.model}",
+            )
+            s.admission_ids[choice.model] = answer.workflow_id
+            await workflow.wait_condition(lambda: s.granted)
+        except (Exception, asyncio.CancelledError):  # not GeneratorExit: a cache eviction is no cancel
+            # Canceled or out of time while in line: leave it (or hand back a grant that crossed).
+            s.ticket = None
+            self._send_release(choice.model, ticket, "withdrawn", None)
+            raise
 
     def _release_slot(self, req: GenerationRequest, choice: ModelChoice, outcome: str, duration_s: float) -> None:
         """Give the slot back (outcome: succeeded | busy | failed). Must not block: it runs during cancellation too."""
-        return None
+        s = self._slot
+        if s.ticket is None:
+            return  # no admission for this model, or an old history
+        ticket, s.ticket = s.ticket, None
+        self._send_release(choice.model, ticket, "ok" if outcome == "succeeded" else outcome, duration_s)
+
+    def _send_release(self, model: str, ticket: str, outcome: str, duration_s: float | None) -> None:
+        """Signal the release without waiting for it: the admission workflow's lease and holder
+        check take the slot back should the signal be lost."""
+        # The id request_slot answered; else the one it would have (a grant can arrive for a
+        # request whose answer this generation never saw).
+        workflow_id = self._slot.admission_ids.get(model) or admission_workflow_id(model, workflow.info().task_queue)
+
+        async def send() -> None:
+            try:
+                await workflow.get_external_workflow_handle(workflow_id).signal(
+                    "release_slot", SlotRelease(ticket=ticket, outcome=outcome, duration_s=duration_s))
+            except Exception as err:  # noqa: BLE001 - never changes the generation's outcome
+                workflow.logger.warning("release of %s not delivered: %s", ticket, err)
+
+        sends = self._slot.sends
+        sends[:] = [task for task in sends if not task.done()]
+        sends.append(asyncio.create_task(send()))
 
     async def _refund(self, req: GenerationRequest, *, reason: str) -> None:
         """Give the credits back; a no-op when nothing was charged. Shielded: a second cancel

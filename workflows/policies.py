@@ -72,6 +72,16 @@ def ai_retry(t: Timeouts) -> RetryPolicy:
 AI_ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
 
+# Joining a model's line (signal-with-start of its admission workflow): retried until it works;
+# the generation's deadline bounds the wait.
+ADMISSION_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=0,
+)
+
+
 # Webhook: the receiver may be down for hours; the schedule-to-close timeout bounds it.
 NOTIFY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),

@@ -21,7 +21,7 @@ import httpx
 from PIL import Image
 
 from atelier.blobstore import BlobNotFound, BlobStore, InvalidBlobKey, content_type_of
-from atelier.errors import ContentBlocked, ProviderRejected, ProviderUnavailable
+from atelier.errors import ContentBlocked, ProviderBusy, ProviderRejected, ProviderUnavailable
 from atelier.providers.base import GeneratedImage, GenerationInput, build_prompt
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,24 @@ BLOCKED_FINISH_REASONS = frozenset({
     "SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION",
     "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
 })
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _OUTPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _MAX_ERROR_TEXT = 300
 # A Retry-After beyond this is a misconfigured server, not advice worth following.
 MAX_RETRY_AFTER_S = 3600.0
+# Longer header or delay texts are not parsed at all.
+_MAX_DELAY_TEXT = 64
+_DELAY_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
+    if not value or len(value) > _MAX_DELAY_TEXT:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -63,8 +64,9 @@ def _retry_delay_from_body(body: Any) -> float | None:
     try:
         for detail in body["error"].get("details") or []:
             delay = detail.get("retryDelay") if isinstance(detail, dict) else None
-            if isinstance(delay, str) and delay.endswith("s"):
-                return max(0.0, float(delay[:-1]))
+            if isinstance(delay, str) and len(delay) <= _MAX_DELAY_TEXT and _DELAY_SECONDS.fullmatch(delay[:-1]) \
+                    and delay.endswith("s"):
+                return float(delay[:-1])
     except (KeyError, TypeError, AttributeError, ValueError):
         pass
     return None
@@ -160,12 +162,16 @@ class GeminiProvider:
             message = response.text
         message = self._redact(" ".join(message.split()))[:_MAX_ERROR_TEXT] or response.reason_phrase
         text = f"gemini {model}: HTTP {status}: {message}"
-        if status in RETRYABLE_STATUS or status >= 500:
+        exhausted = isinstance(body, dict) and isinstance(body.get("error"), dict) \
+            and body["error"].get("status") == "RESOURCE_EXHAUSTED"
+        if status == 429 or exhausted or status in RETRYABLE_STATUS or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if retry_after is None:
                 retry_after = _retry_delay_from_body(body)
             if retry_after is not None:
                 retry_after = min(retry_after, MAX_RETRY_AFTER_S)
+            if status == 429 or exhausted:
+                raise ProviderBusy(text, retry_after_s=retry_after)
             raise ProviderUnavailable(text, retry_after_s=retry_after)
         raise ProviderRejected(text)
 

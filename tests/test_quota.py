@@ -1,0 +1,116 @@
+"""Provider quotas end to end: real workflows, the real admission workflow, the fake Gemini in
+quota mode. A burst waits its turn instead of failing, a 429 is a wait, and no user waits
+behind another's backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from atelier.messages import GenerationResult, ImageInput, Stage, admission_workflow_id
+from starter.service import read_generation
+from tests.conftest import wait_for
+from tests.fakes import images as fake_images
+from tests.fakes.gemini_server import FakeGemini, Reply
+from workflows.admission import ModelAdmissionWorkflow
+
+MODEL = "quota-image-model"
+
+
+def catalogue(tmp_path, **quota) -> str:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"name": MODEL, "provider": "gemini", "priority": 1, "cost": 1, **quota}]}))
+    return str(path)
+
+
+async def quota_harness(harness_factory, tmp_path, fake: FakeGemini, **quota):
+    return await harness_factory(ai_provider="gemini", gemini_api_key="test-key", gemini_base_url=fake.url,
+                                 model_catalogue=catalogue(tmp_path, **quota))
+
+
+async def photo(h, user_id: str) -> list[ImageInput]:
+    return [ImageInput(file_id=await h.upload(user_id, fake_images.jpeg(320, 240)))]
+
+
+async def admission_status(h):
+    handle = h.client.get_workflow_handle(admission_workflow_id(MODEL, h.settings.task_queue))
+    return await handle.query(ModelAdmissionWorkflow.status)
+
+
+async def test_a_burst_of_ten_times_the_quota_all_completes_within_the_quota(harness_factory, tmp_path):
+    n = 3
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.set_quota(max_in_flight=n, call_s=0.5, retry_after="1")
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=n)
+        users = [await h.user(1000) for _ in range(4)]
+        images = {u: await photo(h, u) for u in users}
+        async with h.worker():
+            handles = [await h.start(users[i % 4], "photography", images[users[i % 4]]) for i in range(10 * n)]
+            results: list[GenerationResult] = await asyncio.wait_for(
+                asyncio.gather(*(handle.result() for handle in handles)), 300)
+            status = await admission_status(h)
+        stats = fake.quota_stats()
+    assert [r.status for r in results] == ["completed"] * (10 * n)
+    assert stats.max_in_flight_seen <= n and stats.busy_answers <= n
+    assert status.granted >= 10 * n and status.in_flight == 0 and status.waiting == 0
+    for handle in handles:
+        assert await h.ledger(handle.id) == (10, 0)
+
+
+async def test_eight_429s_in_a_row_delay_one_generation_that_completes_charged_once(harness_factory, tmp_path):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(MODEL, [Reply.status(429, retry_after="0.1", message="Resource has been exhausted")] * 8
+                  + [Reply.ok()])
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=4)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await photo(h, user))
+            result: GenerationResult = await asyncio.wait_for(handle.result(), 120)
+            status = await admission_status(h)
+    assert result.status == "completed" and result.model == MODEL
+    assert [r.reply for r in fake.requests_for(MODEL)] == ["status"] * 8 + ["ok"]
+    assert [a.outcome for a in result.attempts][-1] == "succeeded"
+    assert sum(a.outcome == "busy" for a in result.attempts) >= 1
+    assert await h.ledger(handle.id) == (10, 0) and await h.balance(user) == 90
+    # The provider said 429 below the declared quota: the admission learned a lower limit.
+    assert status.busy == 8 and status.limit < 4 and status.in_flight == 0
+
+
+async def test_one_users_backlog_does_not_hold_up_the_others(harness_factory, tmp_path):
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.set_quota(max_in_flight=2, call_s=0.5)
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=2)
+        heavy = await h.user(1000)
+        light = [await h.user(100) for _ in range(4)]
+        async with h.worker():
+            heavy_images = await photo(h, heavy)
+            began = time.monotonic()
+            backlog = [await h.start(heavy, "photography", heavy_images, prompt=f"heavy {i}") for i in range(40)]
+            await wait_for(lambda: _waiting_at_least(h, 10), timeout=60)
+            # While the backlog waits, a generation of it shows where it stands.
+            state = await read_generation(h.client, backlog[-1].id, admission_queue=h.settings.task_queue)
+            assert state.view.stage == Stage.WAITING_FOR_MODEL.value and state.view.model == MODEL
+            assert isinstance(state.view.queue_position, int) and state.view.queue_position > 1
+            light_began = time.monotonic()
+            others = [await h.start(u, "photography", await photo(h, u), prompt=f"light {i}")
+                      for i, u in enumerate(light)]
+            light_done = await asyncio.wait_for(asyncio.gather(*(o.result() for o in others)), 120)
+            light_took = time.monotonic() - light_began
+            heavy_done = await asyncio.wait_for(asyncio.gather(*(b.result() for b in backlog)), 300)
+            heavy_took = time.monotonic() - began
+    assert all(r.status == "completed" for r in light_done + heavy_done)
+    assert light_took < heavy_took / 2, (light_took, heavy_took)
+    # In the provider's own order: each light generation got one of the next few slots.
+    order = [r.texts[0] for r in fake.requests_for(MODEL) if r.reply == "ok"]
+    light_places = [i for i, text in enumerate(order) if "Instructions from the user: light" in text]
+    heavy_before_light = sum(1 for text in order[:max(light_places)] if "user: heavy" in text)
+    assert len(light_places) == 4 and heavy_before_light < 40 - 10, (light_places, heavy_before_light)
+    assert fake.quota_stats().max_in_flight_seen <= 2
+
+
+async def _waiting_at_least(h, n: int) -> bool:
+    try:
+        return (await admission_status(h)).waiting >= n
+    except Exception:  # noqa: BLE001 - the admission workflow is not up yet
+        return False
