@@ -22,7 +22,17 @@ from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 from activities.admission import AdmissionActivities
@@ -31,17 +41,20 @@ from activities.credits import CreditActivities
 from activities.images import ImageActivities
 from activities.models import ModelActivities
 from activities.notify import NotifyActivities
+from activities.retention import RetentionActivities
 from activities.works import WorkActivities
 from atelier.blobstore import BlobStore
 from atelier.catalogue import ModelEntry, load_catalogue
 from atelier.db import create_engine
 from atelier.downloader import Downloader, UrlGuard, build_http_client
 from atelier.links import signer_from
+from atelier.messages import RetentionRequest
 from atelier.providers import build_providers
 from atelier.providers.base import Provider
 from atelier.settings import Settings, load_settings
 from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
+from workflows.retention import RetentionWorkflow
 
 log = logging.getLogger("atelier.worker")
 
@@ -103,6 +116,7 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
         ImageActivities(deps.engine, deps.blobs, deps.downloader, max_side=s.max_image_side,
                         max_pixels=s.max_image_pixels).download_and_convert,
         WorkActivities(deps.engine).save_work,
+        RetentionActivities(deps.engine, deps.blobs, client, retention_hours=s.input_retention_hours).clean_inputs,
         admission.request_slot,
         admission.check_holders,
         NotifyActivities(deps.downloader,
@@ -120,7 +134,7 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     if only in ("all", "main"):
         workers.append(Worker(
             client, task_queue=task_queue,
-            workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow],
+            workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow, RetentionWorkflow],
             activities=short + ([ai.call_ai] if same_queue else []),
             max_concurrent_activities=s.max_concurrent_activities + (s.max_concurrent_ai_calls if same_queue else 0),
             max_concurrent_workflow_tasks=s.max_concurrent_workflow_tasks,
@@ -156,11 +170,38 @@ async def connect(settings: Settings, *, patience_s: float = 120.0) -> Client:
             delay = min(delay * 2, 10.0)
 
 
+def retention_schedule_id(task_queue: str) -> str:
+    return f"atelier-retention-{task_queue}"
+
+
+async def ensure_retention_schedule(client: Client, settings: Settings) -> str:
+    """Create the retention Schedule, or bring an existing one to these settings (every worker
+    start does this; the Temporal UI lists it under Schedules). Returns its id."""
+    schedule_id = retention_schedule_id(settings.task_queue)
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RetentionWorkflow.run, RetentionRequest(), id=f"atelier-retention-{settings.task_queue}",
+            task_queue=settings.task_queue),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.retention_interval_s))]),
+        # A run still going when the next is due: skip the next, never run two at once.
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(lambda _input: ScheduleUpdate(schedule=schedule))
+    return schedule_id
+
+
 async def run(only: str) -> None:
     settings = load_settings()
     deps = build_dependencies(settings)
     client = await connect(settings)
     workers = build_workers(client, deps, only=only)
+    if only in ("all", "main"):
+        log.info("retention schedule %s: every %.0f s, inputs kept %.1f h after their generation",
+                 await ensure_retention_schedule(client, settings), settings.retention_interval_s,
+                 settings.input_retention_hours)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

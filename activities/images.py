@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from activities.errors import to_application_error
-from atelier import works
+from atelier import deletion, works
 from atelier.blobstore import BlobStore
 from atelier.downloader import Downloader
 from atelier.errors import AtelierError, BadImage
@@ -36,6 +36,9 @@ class ImageActivities:
         if len(stored) != len(req.images):
             # Never let an image vanish on the way: the old system did exactly that.
             raise to_application_error(BadImage(f"{len(req.images)} image(s) given, {len(stored)} stored"))
+        # The generation holds its inputs until retention releases them (ATELIER_INPUT_RETENTION_HOURS).
+        await deletion.record_inputs(self.engine, task_id=req.task_id, user_id=req.user_id,
+                                     keys=[i.key for i in stored])
         return DownloadResult(images=stored)
 
     async def _one(self, user_id: str, index: int, image: ImageInput) -> StoredImage:

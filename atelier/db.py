@@ -103,6 +103,26 @@ files = Table(
     Index("ix_files_user_blob", "user_id", "blob_key"),
 )
 
+# Who holds each blob: an upload (owner_id: the file id), a generation's input or output (owner_id:
+# the task id). The blob store is content-addressed, so several users or generations can hold the
+# same bytes; a blob is deleted only when its last reference goes.
+blob_refs = Table(
+    "blob_refs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("blob_key", String(80), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # upload | input | output
+    Column("owner_id", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("blob_key", "kind", "owner_id", name="uq_blob_refs_blob_owner"),
+    CheckConstraint("kind IN ('upload', 'input', 'output')", name="ref_kind"),
+    Index("ix_blob_refs_blob_key", "blob_key"),
+    Index("ix_blob_refs_user_kind", "user_id", "kind"),
+    Index("ix_blob_refs_kind_owner", "kind", "owner_id"),
+    Index("ix_blob_refs_kind_created", "kind", "created_at"),
+)
+
 model_failures = Table(
     "model_failures",
     metadata,

@@ -373,6 +373,22 @@ class NotifyRequest:
 
 
 @dataclass
+class RetentionRequest:
+    """One run of the retention clean-up: how many generations (and uploads) one activity call looks at."""
+
+    batch: int = 200
+
+
+@dataclass
+class RetentionResult:
+    generations_released: int = 0
+    uploads_deleted: int = 0
+    blobs_deleted: int = 0
+    # This batch was full and released something: there may be more to do now.
+    more: bool = False
+
+
+@dataclass
 class NotifyResult:
     status_code: int = 0
     attempts: int = 0

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atelier.credits import charged_to, lock_task, refuse_if_refunded
 from atelier.db import files, works, reading
+from atelier.deletion import OUTPUT, UPLOAD, add_refs
 from atelier.errors import InvalidRequest
 from atelier.messages import StoredImage
 
@@ -59,6 +60,7 @@ async def save_work(engine: AsyncEngine, *, task_id: str, user_id: str, kind: st
         if inserted.rowcount == 0:
             existing = (await conn.execute(select(works.c.id).where(works.c.task_id == task_id))).scalar_one()
             return existing, True
+        await add_refs(conn, user_id=user_id, kind=OUTPUT, owner_id=task_id, keys=[i.key for i in images])
         for image in images:
             await conn.execute(
                 d.insert(files).values(
@@ -114,6 +116,7 @@ async def record_upload(engine: AsyncEngine, *, user_id: str, image: StoredImage
         row = (await conn.execute(
             select(files.c.id).where(files.c.user_id == user_id, files.c.blob_key == image.key, files.c.origin == "upload")
         )).scalar_one()
+        await add_refs(conn, user_id=user_id, kind=UPLOAD, owner_id=row, keys=[image.key])
     return row
 
 

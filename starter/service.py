@@ -8,6 +8,7 @@ pending activity, its attempt and last failure).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -280,6 +281,23 @@ async def _failed_view(handle, desc, task_id, kind) -> GenerationView:
     raise RuntimeError("a failed workflow returned a result")  # pragma: no cover - Temporal invariant
 
 
+async def wait_closed(client: Client, task_id: str, *, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for the generation's workflow to close; True if it did. Reads its
+    result (a long poll on the history): nothing is written to the workflow."""
+    import asyncio
+
+    handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
+    try:
+        await asyncio.wait_for(handle.result(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        return False
+    except WorkflowFailureError:
+        return True  # failed or canceled: closed all the same
+    except RPCError:
+        return False  # Temporal unreachable: the client gets 202 and can poll
+    return True
+
+
 async def cancel_generation(client: Client, task_id: str) -> None:
     await client.get_workflow_handle(task_id).cancel()
 
@@ -367,3 +385,68 @@ async def list_generations(client: Client, user_id: str, *, status: str | None =
                                   next_page_token=page_token, rpc_timeout=LIST_TIMEOUT)
     await pages.fetch_next_page()
     return [_summary(e) for e in pages.current_page or []], pages.next_page_token
+
+
+# ---- deleting what a generation left behind --------------------------------------------
+
+MAX_ERASED_GENERATIONS = 10_000
+
+
+async def closed_generations(client: Client, task_ids: list[str]) -> list[str]:
+    """Those of `task_ids` that are no longer running (or no longer exist)."""
+    closed = []
+    for task_id in task_ids:
+        summary = await describe_generation(client, task_id)
+        if summary is None or not summary.running:
+            closed.append(task_id)
+    return closed
+
+
+async def _delete_execution(client: Client, workflow_id: str) -> bool:
+    from temporalio.api.common.v1 import WorkflowExecution as ExecutionRef
+    from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+
+    try:
+        await client.workflow_service.delete_workflow_execution(DeleteWorkflowExecutionRequest(
+            namespace=client.namespace, workflow_execution=ExecutionRef(workflow_id=workflow_id)))
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+@dataclass
+class ErasedGenerations:
+    canceled: int
+    histories_deleted: int
+    still_running: int
+
+
+async def erase_generations(client: Client, user_id: str, *, settle_s: float = 10.0) -> ErasedGenerations:
+    """Cancel the user's running generations (they refund), then delete the histories of the
+    closed ones and of their webhook deliveries: prompts and image references leave Temporal too.
+    A generation still closing after `settle_s` keeps its history; erasing again removes it."""
+    import asyncio
+
+    query = f"{SA_USER_ID}={_quoted(user_id)}"
+    executions = [e async for e in client.list_workflows(query, limit=MAX_ERASED_GENERATIONS, rpc_timeout=LIST_TIMEOUT)]
+    running = [e.id for e in executions if e.status == WorkflowExecutionStatus.RUNNING]
+    for task_id in running:
+        with contextlib.suppress(RPCError):
+            await cancel_generation(client, task_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
+    pending = list(running)
+    while pending and loop.time() < deadline:
+        closed = set(await closed_generations(client, pending))
+        pending = [t for t in pending if t not in closed]
+        if pending:
+            await asyncio.sleep(0.25)
+    deleted = 0
+    for e in executions:
+        if e.id in pending:
+            continue
+        deleted += await _delete_execution(client, e.id)
+        await _delete_execution(client, f"{e.id}-webhook")
+    return ErasedGenerations(canceled=len(running), histories_deleted=deleted, still_running=len(pending))

@@ -45,10 +45,11 @@ async def test_twenty_concurrent_identical_posts_make_one_workflow_and_one_charg
     charges = [e for e in await ledger_entries(api, auth) if e["entry"] == "charge"]
     assert len(charges) == 1 and charges[0]["generation_id"] == task_id and charges[0]["amount"] == -10
 
-    # A later replay still answers with the same generation, now completed, and starts nothing.
+    # A later replay answers with the finished generation itself (200), and starts nothing.
     later = await api.http.post("/v1/generations", headers=headers, json=body)
-    assert later.status_code == 202 and later.json()["id"] == task_id
+    assert later.status_code == 200 and later.json()["id"] == task_id
     assert later.json()["status"] == "completed" and later.headers["idempotent-replayed"] == "true"
+    assert later.json()["result"]["work_id"] == done["result"]["work_id"]
     assert started(api) == 1
 
 

@@ -6,13 +6,23 @@ import hashlib
 
 from fastapi import APIRouter, Body, Depends, Header, Path
 
-from atelier import credits, users
+from atelier import credits, deletion, users
+from starter import service
 from atelier.errors import UnknownUser
 from starter.api.auth import require_admin
 from starter.api.context import ApiContext, context
 from starter.api.errors import not_found
 from starter.api.idempotency import check_key
-from starter.api.schemas import Balance, CreditGrant, ErrorResponse, UserCreate, UserCreated, UserOut, UserUpdate
+from starter.api.schemas import (
+    Balance,
+    CreditGrant,
+    ErasedUser,
+    ErrorResponse,
+    UserCreate,
+    UserCreated,
+    UserOut,
+    UserUpdate,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={s: {"model": ErrorResponse} for s in (401, 403, 413, 422)})
@@ -57,3 +67,19 @@ async def add_credits(
     except UnknownUser:
         raise not_found("no such user") from None
     return {"user_id": user_id, "balance": moved.balance}
+
+
+@router.post("/users/{user_id}/erase", response_model=ErasedUser, responses={404: {"model": ErrorResponse}},
+             summary="Erase everything a user has (the ledger and the account stay)")
+async def erase_user(user_id: str = Path(max_length=64), ctx: ApiContext = Depends(context)) -> dict:
+    """Cancels the user's running generations (they refund), deletes their uploads, inputs, works
+    and images (a blob another user also holds stays theirs) and the workflow histories of their
+    generations. The ledger stays for accounting: amounts and reasons, no prompts, no images.
+    Safe to repeat; `still_running` > 0 means some generations were still closing: erase again."""
+    if not await users.user_exists(ctx.engine, user_id):
+        raise not_found("no such user")
+    generations = await service.erase_generations(ctx.client, user_id)
+    erased = await deletion.erase_user(ctx.engine, ctx.blobs, user_id)
+    return {"user_id": user_id, "works": erased.works, "uploads": erased.uploads, "inputs": erased.inputs,
+            "blobs_deleted": len(erased.blobs_deleted), "generations_canceled": generations.canceled,
+            "histories_deleted": generations.histories_deleted, "still_running": generations.still_running}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 
-from atelier import works
+from atelier import deletion, works
 from atelier.blobstore import THUMBNAIL_WIDTHS, BlobNotFound, InvalidBlobKey, content_type_of
 from atelier.errors import BadImage
 from atelier.images import store_image
 from atelier.links import LinkRefused
 from atelier.thumbnails import thumbnail
+from starter import service
 from starter.api.auth import current_user
 from starter.api.context import ApiContext, context
 from starter.api.errors import ApiError, not_found
@@ -59,6 +60,23 @@ async def upload(
     file_id = await works.record_upload(ctx.engine, user_id=user_id, image=image)
     return {"file_id": file_id, "content_type": image.content_type, "width": image.width,
             "height": image.height, "size": image.size}
+
+
+@router.delete("/v1/uploads/{file_id}", status_code=204, response_class=Response, summary="Delete an upload")
+async def delete_upload(
+    file_id: str,
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+) -> Response:
+    """The upload is gone at once, and with it the inputs of your finished generations that used
+    it. A generation still running keeps its copy until it ends (then retention deletes it)."""
+    deleted = await deletion.delete_upload(ctx.engine, ctx.blobs, user_id=user_id, file_id=file_id) \
+        if len(file_id) <= 64 else None
+    if deleted is None:
+        raise not_found("no such upload")
+    holders = await deletion.input_tasks_holding(ctx.engine, user_id=user_id, blob_key=deleted.blob_key)
+    await deletion.release_inputs(ctx.engine, ctx.blobs, await service.closed_generations(ctx.client, holders))
+    return Response(status_code=204)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

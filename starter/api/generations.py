@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from atelier import users
+from atelier import deletion, users
 from atelier.errors import InvalidRequest
 from atelier.messages import GenerationRequest, ImageInput, Kind, Status
 from atelier.representation import generation_object
 from starter import service
-from starter.api import cursors, idempotency
+from starter.api import cursors, idempotency, preferences
 from starter.api.auth import current_user
 from starter.api.context import ApiContext, context
 from starter.api.errors import ApiError, not_found
@@ -45,14 +46,16 @@ def _plausible_id(task_id: str) -> bool:
     return 0 < len(task_id) <= MAX_ID_CHARS and set(task_id) <= _ID_CHARS
 
 
-def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate) -> GenerationRequest:
+def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate, *, deadline_s: float) -> GenerationRequest:
     """Everything that can be refused without I/O, answered 422."""
+    timeouts = dataclasses.replace(service.timeouts_from(ctx.settings), deadline_s=deadline_s)
     try:
         req = service.build_request(
             ctx.settings, user_id=user_id, kind=body.kind.value,
             images=[ImageInput(url=i.url, file_id=i.file_id) for i in body.images],
             prompt=body.prompt, style=body.style, parameters=body.parameters, webhook_url=body.webhook_url,
-            priority=body.priority.value,
+            priority=body.priority.value, timeouts=timeouts,
+            webhook_events=list(dict.fromkeys(e.value for e in body.webhook_events)),
         )
         allow_private = ctx.settings.allow_private_urls
         for index, image in enumerate(req.images):
@@ -101,10 +104,38 @@ async def _replay(ctx: ApiContext, req: GenerationRequest, record: idempotency.K
     return Status.QUEUED.value
 
 
+PREFER_DOC = ("`wait=N` (N ≤ 60): answer with the finished generation (200, `Preference-Applied: wait=N`) if it "
+              "ends within N seconds, else 202 as without it")
+CANCEL_AFTER_DOC = ("a deadline for this generation: `90s`, `5m`, `1h30m` or seconds; bounded by the server's "
+                    "ATELIER_GENERATION_DEADLINE_S (as `deadline_s` in the body; the smaller wins)")
+
+
+def _deadline(ctx: ApiContext, body: GenerationCreate, cancel_after: str | None) -> float:
+    """This generation's deadline: the smallest of the body's, the header's and the server's."""
+    asked = [ctx.settings.generation_deadline_s]
+    if body.deadline_s is not None:
+        asked.append(body.deadline_s)
+    if cancel_after is not None:
+        asked.append(preferences.duration_seconds(cancel_after))
+    return min(asked)
+
+
+async def _finished(ctx: ApiContext, request: Request, user_id: str, task_id: str, headers: dict[str, str]
+                    ) -> JSONResponse | None:
+    """The generation as GET answers it, with 200, if it has ended; None while it runs."""
+    state = await service.read_generation(ctx.client, task_id, engine=ctx.engine)
+    if state is None or state.view.status not in TERMINAL:
+        return None
+    return JSONResponse(generation_object(state.view, image_url=ctx.image_url(request, user_id)), status_code=200,
+                        headers=headers)
+
+
 @router.post(
     "", status_code=202, response_model=GenerationAccepted,
     responses={**ERRORS, 400: {"model": ErrorResponse}, 402: {"model": ErrorResponse},
-               409: {"model": ErrorResponse}},
+               409: {"model": ErrorResponse},
+               200: {"model": GenerationOut, "description": "the generation ended within `Prefer: wait=N`, or an "
+                                                           "Idempotency-Key replay of an ended generation"}},
     summary="Start a generation",
 )
 async def create_generation(
@@ -116,9 +147,14 @@ async def create_generation(
     idempotency_key: str | None = Header(
         default=None, alias="Idempotency-Key",
         description="the same key and body return the same generation for 24 h; another body answers 409"),
-) -> dict:
+    prefer: str | None = Header(default=None, alias="Prefer", max_length=preferences.MAX_HEADER_CHARS,
+                                description=PREFER_DOC),
+    cancel_after: str | None = Header(default=None, alias="Cancel-After", max_length=32,
+                                      description=CANCEL_AFTER_DOC),
+):
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
-    req = _check_inputs(ctx, user_id, body)
+    wait_s = preferences.wait_seconds(prefer)
+    req = _check_inputs(ctx, user_id, body, deadline_s=_deadline(ctx, body, cancel_after))
     facts = await read_facts(ctx.engine, user_id=user_id, file_ids=[i.file_id for i in req.images if i.file_id],
                              idempotency_key=key, ttl_hours=ctx.settings.idempotency_ttl_hours)
     _check_files(ctx, req, facts)
@@ -140,13 +176,32 @@ async def create_generation(
         if key:
             record = await idempotency.claim(ctx.engine, user_id=user_id, key=key, body_hash=digest,
                                              task_id=req.task_id, ttl_hours=ctx.settings.idempotency_ttl_hours)
-    if record is not None and not record.won:
+    replayed = record is not None and not record.won
+    if replayed:
         status = await _replay(ctx, req, record, digest, response)
         task_id = record.task_id
     else:
         task_id = req.task_id
+        # The generation holds its uploads from now on: retention never deletes an input of a
+        # generation that has not ended, even one still waiting for a worker.
+        await deletion.record_inputs(ctx.engine, task_id=task_id, user_id=user_id,
+                                     keys=[facts.uploads[i.file_id] for i in req.images if i.file_id])
         await _ensure_started(ctx, req)
     response.headers["Location"] = f"{base}/v1/generations/{task_id}"
+    if wait_s:
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+    headers = dict(response.headers)
+    if replayed and status in TERMINAL:
+        # A replay of an ended generation answers with what it became.
+        finished = await _finished(ctx, request, user_id, task_id, headers)
+        if finished is not None:
+            return finished
+    if wait_s and status not in TERMINAL:
+        # Waiting reads the workflow's result (a long poll on its history): nothing is written.
+        if await service.wait_closed(ctx.client, task_id, timeout_s=wait_s):
+            finished = await _finished(ctx, request, user_id, task_id, headers)
+            if finished is not None:
+                return finished
     return {"id": task_id, "status": status, "urls": _urls(base, task_id)}
 
 

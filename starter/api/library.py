@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from atelier import credits, works
+from atelier import credits, deletion, works
 from atelier.representation import ImageUrl
 from starter.api import cursors
 from starter.api.auth import current_user
@@ -59,6 +59,22 @@ async def get_work(
     if work is None or work.user_id != user_id:
         raise not_found("no such work")
     return _work(work, ctx.image_url(request, user_id))
+
+
+@router.delete("/v1/works/{work_id}", status_code=204, response_class=Response,
+               responses={404: {"model": ErrorResponse}}, summary="Delete one of your works and its images")
+async def delete_work(
+    work_id: str,
+    user_id: str = Depends(current_user),
+    ctx: ApiContext = Depends(context),
+) -> Response:
+    """The work, its images and its generation's input images are deleted at once (a blob another
+    user also holds stays theirs); signed links to them stop working. The ledger keeps the charge."""
+    deleted = await deletion.delete_work(ctx.engine, ctx.blobs, user_id=user_id, work_id=work_id) \
+        if len(work_id) <= 64 else None
+    if deleted is None:
+        raise not_found("no such work")
+    return Response(status_code=204)
 
 
 @router.get("/v1/credits", response_model=Account, summary="Your balance and recent ledger entries")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from atelier.messages import Kind, Priority
+from atelier.messages import WEBHOOK_EVENTS, Kind, Priority
 from atelier.validation import (
     MAX_PARAMETERS,
     MAX_PROMPT_CHARS,
@@ -18,6 +19,10 @@ MAX_IMAGES = 8  # a bound on the body; the per-kind counts are checked by valida
 MAX_FILE_ID_CHARS = 64
 MAX_REASON_CHARS = 200
 MAX_GRANT = 1_000_000_000
+MAX_DEADLINE_S = 7 * 24 * 3600.0  # a bound on the body; the server's own maximum applies below it
+
+WebhookEvent = Enum("WebhookEvent", {e.upper(): e for e in WEBHOOK_EVENTS}, type=str)
+WebhookEvent.__doc__ = "a webhook event: started, progress or completed"
 
 
 def _text(value: Any, what: str) -> Any:
@@ -79,6 +84,15 @@ class GenerationCreate(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
     priority: Priority = Field(default=Priority.NORMAL,
                                description="lane for the model's quota: high, normal or low, up to your account's highest")
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.COMPLETED], min_length=1, max_length=len(WEBHOOK_EVENTS),
+        description="which events are delivered to `webhook_url`, each as its own signed message: `started`, "
+                    "`progress` (every visible change), `completed` (the final object, whatever the outcome)")
+    deadline_s: float | None = Field(
+        default=None, ge=1, le=MAX_DEADLINE_S,
+        description="seconds this generation may take in all; past it, it fails (ExpiredBeforeStart before the AI "
+                    "call started, DeadlineExceeded after) and every credit is refunded. Bounded by the server's "
+                    "ATELIER_GENERATION_DEADLINE_S")
 
     @field_validator("prompt", "style", "webhook_url")
     @classmethod
@@ -215,6 +229,17 @@ class CreditGrant(BaseModel):
     @classmethod
     def _clean(cls, v: str) -> str:
         return _text(v, "reason")
+
+
+class ErasedUser(BaseModel):
+    user_id: str
+    works: int = Field(description="works deleted")
+    uploads: int = Field(description="uploads deleted")
+    inputs: int = Field(description="generation inputs released")
+    blobs_deleted: int = Field(description="images deleted from the blob store (shared ones stay for their other holders)")
+    generations_canceled: int = Field(description="running generations canceled (their credits are refunded)")
+    histories_deleted: int = Field(description="generation histories deleted from Temporal")
+    still_running: int = Field(description="generations still closing: their histories stay until the next erase")
 
 
 class Balance(BaseModel):

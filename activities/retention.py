@@ -1,0 +1,59 @@
+"""Retention: delete input images a while after their generation ended, and uploads nobody uses.
+
+The generation's state comes from Temporal (describe: running, or closed and when), the holders
+and the blobs from atelier.deletion. A running generation never loses its inputs."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from atelier import deletion
+from atelier.blobstore import BlobStore
+from atelier.messages import RetentionRequest, RetentionResult
+
+# A generation Temporal no longer knows (its history passed the namespace's retention) ended long ago.
+_LONG_AGO = datetime.min.replace(tzinfo=timezone.utc)
+
+
+class RetentionActivities:
+    def __init__(self, engine: AsyncEngine, blobs: BlobStore, client: Client, *, retention_hours: float) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self.client = client
+        self.retention = timedelta(hours=retention_hours)
+
+    async def _ended_at(self, task_id: str) -> datetime | None:
+        """When the generation closed; None while it runs."""
+        try:
+            desc = await self.client.get_workflow_handle(task_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return _LONG_AGO
+            raise
+        if desc.status == WorkflowExecutionStatus.RUNNING:
+            return None
+        return desc.close_time or _LONG_AGO
+
+    @activity.defn
+    async def clean_inputs(self, req: RetentionRequest) -> RetentionResult:
+        cutoff = datetime.now(timezone.utc) - self.retention
+        candidates = await deletion.input_tasks_before(self.engine, cutoff, limit=req.batch)
+        ended = []
+        for task_id in candidates:
+            activity.heartbeat(task_id)
+            ended_at = await self._ended_at(task_id)
+            if ended_at is not None and ended_at < cutoff:
+                ended.append(task_id)
+        deleted = await deletion.release_inputs(self.engine, self.blobs, ended)
+        uploads, deleted_uploads = await deletion.expire_uploads(self.engine, self.blobs, cutoff, limit=req.batch)
+        activity.logger.info("retention: %d generation(s) released their inputs, %d upload(s) expired, "
+                             "%d blob(s) deleted", len(ended), uploads, len(deleted) + len(deleted_uploads))
+        return RetentionResult(
+            generations_released=len(ended), uploads_deleted=uploads, blobs_deleted=len(deleted) + len(deleted_uploads),
+            more=(len(candidates) == req.batch and bool(ended)) or uploads == req.batch,
+        )

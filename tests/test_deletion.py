@@ -1,0 +1,274 @@
+"""Deletion, erasure and retention: after a deletion no byte of the image is left in the blob store
+or in any workflow history; a blob two users hold goes with its last holder; erasing one user
+leaves another untouched; the retention schedule deletes inputs of finished generations only."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from PIL import Image
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from atelier import credits
+from atelier.db import blob_refs, reading
+from atelier.messages import RetentionResult
+from sqlalchemy import select
+from tests.api_fixtures import Api, api, api_factory, make_api, wait_until  # noqa: F401 - fixtures
+from tests.fakes.images import jpeg, png
+from worker import ensure_retention_schedule, retention_schedule_id
+
+CHUNK = 128
+
+
+def _key(url: str) -> str:
+    return urlsplit(url).path.rsplit("/", 1)[1]
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """Pieces from across the image's compressed data (past the headers, which images encoded alike
+    share): finding any of them means its bytes are still there."""
+    assert len(data) > 4 * CHUNK
+    return [data[i:i + CHUNK] for i in (len(data) * k // 8 for k in range(2, 8)) if i + CHUNK <= len(data)]
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A JPEG of noise: no two share a run of compressed bytes, as no two real photos do."""
+    pixels = random.Random(seed).randbytes(width * height * 3)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def distinctive(root: Path, images: dict[str, bytes]) -> list[bytes]:
+    """Pieces of each image found in no other file of the store (so finding one later means that
+    image's bytes are still there); every image must have some."""
+    files = _files(root)
+    pieces = []
+    for key, image in images.items():
+        own = [c for c in _chunks(image) if not any(c in data for p, data in files.items() if p.name != key)]
+        assert own, f"{key}: no piece of it is its own"
+        pieces += own
+    return pieces
+
+
+def blob_store_holds(root: Path, pieces: list[bytes]) -> list[str]:
+    """Files under the blob folder that contain any of `pieces`."""
+    return [str(p) for p, data in _files(root).items() if any(c in data for c in pieces)]
+
+
+def _payload_bytes(node, out: list[bytes]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, str):
+                try:
+                    out.append(base64.b64decode(value, validate=True))
+                except ValueError:
+                    pass
+            _payload_bytes(value, out)
+    elif isinstance(node, list):
+        for item in node:
+            _payload_bytes(item, out)
+
+
+async def histories_holding(client: Client, workflow_ids: list[str], pieces: list[bytes]) -> list[str]:
+    """Workflow histories (still there) that contain any of `pieces`, raw or in a decoded payload."""
+    found = []
+    for workflow_id in workflow_ids:
+        try:
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                continue
+            raise
+        text = history.to_json()
+        decoded: list[bytes] = [text.encode()]
+        _payload_bytes(json.loads(text), decoded)
+        blob = b"\n".join(decoded)
+        if any(c in blob for c in pieces):
+            found.append(workflow_id)
+    return found
+
+
+async def _generate(api: Api, auth: dict, photo: bytes, *, prompt: str = "") -> dict:
+    file_id = await api.upload(auth, photo)
+    started = await api.http.post("/v1/generations", headers=auth, json={
+        "kind": "photography", "images": [{"file_id": file_id}], "prompt": prompt})
+    assert started.status_code == 202, started.text
+    done = await api.poll(auth, started.json()["id"], timeout=60)
+    assert done["status"] == "completed", done
+    done["file_id"] = file_id
+    return done
+
+
+async def _refs(api: Api, **where) -> list:
+    async with reading(api.harness.engine) as conn:
+        q = select(blob_refs)
+        for column, value in where.items():
+            q = q.where(blob_refs.c[column] == value)
+        return list((await conn.execute(q)).all())
+
+
+async def test_deleting_a_work_and_its_upload_leaves_no_byte_in_the_blob_store_or_any_history(api: Api):
+    user_id, auth = await api.new_user()
+    async with api.harness.worker():
+        done = await _generate(api, auth, photo(321, 207, seed=1))
+    blobs = api.harness.deps.blobs
+    output_url = done["result"]["images"][0]["url"]
+    output_key = _key(output_url)
+    [input_ref] = await _refs(api, kind="input", owner_id=done["id"])
+    thumb = await api.http.get(output_url + "&w=256")
+    assert thumb.status_code == 200
+    pieces = distinctive(api.settings.blob_dir, {output_key: await blobs.get(output_key),
+                                                 input_ref.blob_key: await blobs.get(input_ref.blob_key),
+                                                 blobs.thumbnail_key(output_key, 256): thumb.content})
+    assert blob_store_holds(api.settings.blob_dir, pieces)  # the scan finds them while they exist
+    workflow_ids = [done["id"], f"{done['id']}-webhook"]
+
+    deleted = await api.http.delete(f"/v1/works/{done['result']['work_id']}", headers=auth)
+    assert deleted.status_code == 204, deleted.text
+    assert not blobs.exists(output_key)
+    assert blobs.exists(input_ref.blob_key)  # still the user's upload
+    assert (await api.http.get(output_url)).status_code == 404  # the signed link died with it
+    assert (await api.http.get(f"/v1/files/{output_key}", headers=auth)).status_code == 404
+    assert (await api.http.get(f"/v1/works/{done['result']['work_id']}", headers=auth)).status_code == 404
+    again = await api.http.delete(f"/v1/works/{done['result']['work_id']}", headers=auth)
+    assert again.status_code == 404 and again.json()["error"]["code"] == "NotFound"
+
+    gone = await api.http.delete(f"/v1/uploads/{done['file_id']}", headers=auth)
+    assert gone.status_code == 204, gone.text
+    assert not blobs.exists(input_ref.blob_key)
+    assert await _refs(api, user_id=user_id) == []
+    assert blob_store_holds(api.settings.blob_dir, pieces) == []
+    assert await histories_holding(api.harness.client, workflow_ids, pieces) == []
+    # The ledger keeps the charge: accounting survives the deletion.
+    assert await credits.task_totals(api.harness.engine, done["id"]) == (10, 0)
+
+
+async def test_a_blob_two_users_hold_stays_until_the_last_holder_deletes_it(api: Api):
+    _, alice = await api.new_user()
+    _, bob = await api.new_user()
+    same = png(90, 70)
+    alice_file, bob_file = await api.upload(alice, same), await api.upload(bob, same)
+    [ref] = await _refs(api, kind="upload", owner_id=alice_file)
+    blobs = api.harness.deps.blobs
+    assert (await _refs(api, kind="upload", owner_id=bob_file))[0].blob_key == ref.blob_key
+
+    assert (await api.http.delete(f"/v1/uploads/{alice_file}", headers=alice)).status_code == 204
+    assert blobs.exists(ref.blob_key)
+    assert (await api.http.get(f"/v1/files/{ref.blob_key}", headers=bob)).status_code == 200
+    assert (await api.http.get(f"/v1/files/{ref.blob_key}", headers=alice)).status_code == 404
+    # Bob's upload is not Alice's to delete.
+    assert (await api.http.delete(f"/v1/uploads/{bob_file}", headers=alice)).status_code == 404
+    assert (await api.http.delete(f"/v1/uploads/{bob_file}", headers=bob)).status_code == 204
+    assert not blobs.exists(ref.blob_key)
+
+
+async def test_erasure_removes_everything_of_one_user_and_nothing_of_another(api: Api):
+    alice_id, alice = await api.new_user()
+    bob_id, bob = await api.new_user()
+    marker = "alice-private-prompt-7d1e"
+    async with api.harness.worker():
+        alice_done = await _generate(api, alice, photo(300, 200, seed=2), prompt=marker)
+        bob_done = await _generate(api, bob, photo(310, 190, seed=3))
+    extra = await api.upload(alice, photo(150, 150, seed=4))
+    blobs = api.harness.deps.blobs
+    alice_keys = {r.blob_key for r in await _refs(api, user_id=alice_id)}
+    bob_keys = {r.blob_key for r in await _refs(api, user_id=bob_id)}
+    assert len(alice_keys) == 3 and len(bob_keys) == 2 and not alice_keys & bob_keys
+    alice_pieces = distinctive(api.settings.blob_dir, {k: await blobs.get(k) for k in alice_keys})
+    bob_pieces = distinctive(api.settings.blob_dir, {k: await blobs.get(k) for k in bob_keys})
+
+    erased = await api.http.post(f"/v1/admin/users/{alice_id}/erase", headers=api.admin)
+    assert erased.status_code == 200, erased.text
+    body = erased.json()
+    assert body["works"] == 1 and body["uploads"] == 2 and body["blobs_deleted"] == 3
+    assert body["still_running"] == 0 and body["histories_deleted"] == 1
+
+    # Nothing of Alice's is left: no blob, no work, no upload, no history.
+    assert not any(blobs.exists(k) for k in alice_keys)
+    assert blob_store_holds(api.settings.blob_dir, alice_pieces) == []
+    assert (await api.http.get("/v1/works", headers=alice)).json()["items"] == []
+    assert (await api.http.delete(f"/v1/uploads/{extra}", headers=alice)).status_code == 404
+    assert await _refs(api, user_id=alice_id) == []
+
+    async def history_gone() -> bool:
+        try:
+            await api.harness.client.get_workflow_handle(alice_done["id"]).describe()
+        except RPCError as err:
+            return err.status == RPCStatusCode.NOT_FOUND
+        return False
+
+    await wait_until(history_gone, timeout=120, interval=1.0)  # Temporal deletes asynchronously (~30 s)
+    assert await histories_holding(api.harness.client, [alice_done["id"], f"{alice_done['id']}-webhook"],
+                                   alice_pieces) == []
+    # The ledger stays, with amounts and reasons and no prompt.
+    entries = await credits.entries(api.harness.engine, alice_id, task_id=alice_done["id"])
+    assert [(e.entry, e.amount) for e in entries] == [("charge", -10)]
+    assert all(marker not in e.reason for e in await credits.entries(api.harness.engine, alice_id))
+
+    # Bob's things are all there.
+    assert all(blobs.exists(k) for k in bob_keys)
+    assert len(blob_store_holds(api.settings.blob_dir, bob_pieces)) == len(bob_keys)
+    assert (await api.http.get(f"/v1/works/{bob_done['result']['work_id']}", headers=bob)).status_code == 200
+    assert (await api.http.get(bob_done["result"]["images"][0]["url"])).status_code == 200
+    assert (await api.harness.client.get_workflow_handle(bob_done["id"]).describe()).status == \
+        WorkflowExecutionStatus.COMPLETED
+    assert (await api.http.post("/v1/admin/users/usr_nobody/erase", headers=api.admin)).status_code == 404
+
+
+async def test_the_retention_schedule_deletes_inputs_of_finished_generations_only(harness_factory):
+    harness = await harness_factory(input_retention_hours=1 / 3600, retention_interval_s=3600)
+    api = make_api(harness)
+    async with api.http:
+        _, auth = await api.new_user()
+        async with harness.worker():
+            finished = await _generate(api, auth, jpeg(280, 180))
+        async with harness.worker(only="main"):  # no AI worker: the next generation stays running
+            running_file = await api.upload(auth, jpeg(260, 170))
+            started = await api.http.post("/v1/generations", headers=auth, json={
+                "kind": "photography", "images": [{"file_id": running_file}]})
+            running_id = started.json()["id"]
+            await api.poll(auth, running_id, until={"running"})
+            await wait_until(lambda: _refs(api, kind="input", owner_id=running_id), timeout=30)
+            unused = await api.upload(auth, png(60, 40))
+            [finished_input] = await _refs(api, kind="input", owner_id=finished["id"])
+            [running_input] = await _refs(api, kind="input", owner_id=running_id)
+            [unused_ref] = await _refs(api, kind="upload", owner_id=unused)
+            await asyncio.sleep(1.5)  # everything above is now older than the retention
+
+            schedule_id = await ensure_retention_schedule(harness.client, harness.settings)
+            assert schedule_id == retention_schedule_id(harness.settings.task_queue)
+            assert await ensure_retention_schedule(harness.client, harness.settings) == schedule_id  # idempotent
+            schedule = harness.client.get_schedule_handle(schedule_id)
+            try:
+                await schedule.trigger()
+
+                async def ran():
+                    actions = (await schedule.describe()).info.recent_actions
+                    return actions[-1].action.workflow_id if actions else None
+
+                run_id = await wait_until(ran, timeout=30)
+                result = await harness.client.get_workflow_handle(run_id, result_type=RetentionResult).result()
+            finally:
+                await schedule.delete()
+
+            blobs = harness.deps.blobs
+            assert result.generations_released == 1 and result.uploads_deleted >= 2
+            assert not blobs.exists(finished_input.blob_key)
+            assert not blobs.exists(unused_ref.blob_key)
+            assert blobs.exists(running_input.blob_key)  # its generation is still running
+            assert await _refs(api, kind="input", owner_id=running_id)
+            assert blobs.exists(_key(finished["result"]["images"][0]["url"]))  # outputs are the user's to keep
+            await api.http.post(f"/v1/generations/{running_id}/cancel", headers=auth)
+            await api.poll(auth, running_id, until={"canceled"})
