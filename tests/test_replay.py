@@ -26,7 +26,10 @@ from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook"]
+REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook",
+            "deadline", "ai_retry", "webhook_events"]
+# Histories kept from before a patch: each folder holds the required set of its day.
+OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6}
 PRIMARY = "gemini-2.5-flash-image"
 
 
@@ -53,7 +56,7 @@ def test_every_required_history_is_recorded():
 
 # Every history ever recorded: tests/histories/*.json from the current code, and older
 # generations kept in subfolders (v1/: before the save-work-survives-cancel patch; v2/: before
-# charge-settles-before-cancel). Old
+# charge-settles-before-cancel; v3/: before explicit-deadline and ai-attempts-in-workflow). Old
 # histories must keep replaying for as long as such workflows may still be open.
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
@@ -66,9 +69,9 @@ async def test_recorded_history_replays_against_current_code(path):
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
 
 
-@pytest.mark.parametrize("generation", ["v1", "v2"])
+@pytest.mark.parametrize("generation", sorted(OLD_GENERATIONS))
 def test_old_histories_are_kept(generation):
-    assert len(list((HISTORIES / generation).glob("*.json"))) >= len(REQUIRED)
+    assert len(list((HISTORIES / generation).glob("*.json"))) >= OLD_GENERATIONS[generation]
 
 
 async def test_replay_catches_a_reordered_step():
@@ -133,6 +136,27 @@ async def test_record_histories(harness_factory):
                 await asyncio.to_thread(receiver.wait_for_success, timeout=30)
                 await save(handle, "success_webhook")
 
+                # started and progress events too: each its own delivery.
+                handle = await h.start(user, "photography", photo, webhook_url=receiver.url,
+                                       webhook_events=["started", "progress", "completed"])
+                await handle.result()
+                await save(handle, "webhook_events")
+
+            # One failed attempt, a backoff timer, then success: attempts recorded by the workflow.
+            fake.plan(PRIMARY, [Reply.status(500, message="oops")])
+            fake.plan("gemini-3-pro-image-preview", [Reply.status(500, message="oops")])
+            handle = await h.start(user, "photography", photo)
+            await handle.result()
+            await save(handle, "ai_retry")
+
+            # The deadline lands during the AI call: failed as DeadlineExceeded, refunded.
+            fake.plan(PRIMARY, [Reply.hang()])
+            fake.plan("gemini-3-pro-image-preview", [Reply.hang()])
+            h.timeouts.deadline_s = 5
+            handle = await h.start(user, "photography", photo)
+            with pytest.raises(WorkflowFailureError):
+                await handle.result()
+            await save(handle, "deadline")
 
 @pytest.mark.skipif(os.environ.get("ATELIER_RECORD_HISTORIES") != "1", reason="set ATELIER_RECORD_HISTORIES=1 to re-record")
 async def test_record_admission_histories(harness_factory, tmp_path):
