@@ -29,7 +29,7 @@ HISTORIES = Path(__file__).parent / "histories"
 REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook",
             "deadline", "ai_retry", "webhook_events"]
 # Histories kept from before a patch: each folder holds the required set of its day.
-OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6}
+OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9}
 PRIMARY = "gemini-2.5-flash-image"
 
 
@@ -56,7 +56,8 @@ def test_every_required_history_is_recorded():
 
 # Every history ever recorded: tests/histories/*.json from the current code, and older
 # generations kept in subfolders (v1/: before the save-work-survives-cancel patch; v2/: before
-# charge-settles-before-cancel; v3/: before explicit-deadline and ai-attempts-in-workflow). Old
+# charge-settles-before-cancel; v3/: before explicit-deadline and ai-attempts-in-workflow; v4/: before
+# model-admission). Old
 # histories must keep replaying for as long as such workflows may still be open.
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
