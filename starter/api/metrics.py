@@ -1,7 +1,8 @@
 """Prometheus metrics, one registry per app (tests build many apps in one process).
 
-Requests are labelled by route template (`/v1/generations/{task_id}`), never by the raw
-path, so a scan of random URLs cannot blow up the number of series.
+Every label comes from a known set, so no client can blow up the number of series: requests
+are labelled by route template (`/v1/generations/{task_id}`, or "unmatched"), never by the raw
+path; by method among the standard ones, any other token being "other"; by status code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atelier.messages import admission_workflow_id
 from workflows.admission import ModelAdmissionWorkflow
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -91,5 +93,7 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
+            method = method if method in KNOWN_METHODS else "other"
+            code = str(status) if isinstance(status, int) and 100 <= status <= 599 else "other"
+            self.metrics.requests.labels(method, template, code).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
