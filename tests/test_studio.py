@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from tests.fakes.http_server import FakeHttpServer
 from tests.browser import PHONE, Studio, chromium, shoot, studio_factory  # noqa: F401 - fixtures
 
 FIXTURES = Path(__file__).parent / "fixtures" / "studio"
@@ -52,6 +53,32 @@ async def result_image(page) -> dict:
         "i => ({naturalWidth: i.naturalWidth, src: i.currentSrc, apiUrl: i.dataset.apiUrl, source: i.dataset.source})")
 
 
+A11Y_PROBLEMS = """() => {
+    const found = [];
+    for (const el of document.querySelectorAll('input:not([type=hidden]), textarea, select')) {
+        if (!(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.getAttribute('aria-labelledby')) {
+            found.push(`a ${el.tagName.toLowerCase()} without a label (#${el.id})`);
+        }
+    }
+    for (const img of document.querySelectorAll('img')) {
+        if (!img.hasAttribute('alt')) found.push(`an image without alt text (${img.className})`);
+    }
+    for (const el of document.querySelectorAll('button, a[href]')) {
+        if (el.offsetParent && !(el.textContent.trim() || el.getAttribute('aria-label'))) {
+            found.push(`a ${el.tagName.toLowerCase()} without a name (${el.className})`);
+        }
+    }
+    if (document.querySelectorAll('main h1').length !== 1) found.push('not exactly one h1 in main');
+    return found;
+}"""
+
+
+async def accessible(page, name: str) -> None:
+    """Every field labelled, every image with alt text, every control named, one heading per page."""
+    problems = await page.evaluate(A11Y_PROBLEMS)
+    assert not problems, f"{name}: {problems}"
+
+
 def watched_id(page) -> str:
     match = re.search(r"#/g/([^/]+)$", page.url)
     assert match, page.url
@@ -81,8 +108,11 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     assert await page.evaluate("sessionStorage.length") == 0
     await shoot(page, "02-wrong-key")
 
-    await signed_in(page, key)
+    # By keyboard: the key typed into the field and Enter.
+    await page.fill("#api-key", key)
+    await page.press("#api-key", "Enter")
     await page.wait_for_selector("#file-photos", state="attached")
+    assert await page.evaluate("document.activeElement.tagName") == "H1"  # focus moved to the new page
     assert "40 credits" in await page.inner_text(".balance")
     assert "10 credits" in await page.inner_text(".cost-line")
     await shoot(page, "03-create")
@@ -91,7 +121,10 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     preview = page.locator(".preview img")
     await preview.wait_for()
     assert await preview.evaluate("i => i.naturalWidth") > 0
-    await page.click("label[for='preset-noir']")
+    # The style presets are radio buttons: arrow keys move between them.
+    await page.focus("#preset-studio")
+    await page.keyboard.press("ArrowRight")
+    assert await page.is_checked("#preset-noir")
     await page.fill("#prompt", "a portrait for the studio's front page")
     await shoot(page, "04-create-filled")
 
@@ -137,6 +170,14 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     await page.wait_for_function(
         "() => { const i = document.querySelector('.work-card img'); return i && i.complete && i.naturalWidth > 0; }")
     await shoot(page, "07-works")
+    await card.locator("a").click()
+    await page.wait_for_url(re.compile(r"#/works/"))
+    assert "front page" in await page.inner_text("h1")
+    shown = await result_image(page)
+    assert shown["naturalWidth"] > 0
+    assert await page.locator(".work-detail a[download]").get_attribute("href")
+    await accessible(page, "work")
+    await shoot(page, "07-work")
     await page.click(".nav a[data-nav='credits']")
     await page.wait_for_selector(".ledger tr.charge")
     assert "−10" in await page.inner_text(".ledger tr.charge")
@@ -284,6 +325,7 @@ async def test_phone_layout_has_no_horizontal_scroll(studio_factory):
     await page.goto("/")
     await page.wait_for_selector("#api-key")
     await no_horizontal_scroll(page, "sign in")
+    await accessible(page, "sign in")
     await shoot(page, "01-sign-in")
     await signed_in(page, key)
     await page.wait_for_selector("#file-photos", state="attached")
@@ -291,20 +333,24 @@ async def test_phone_layout_has_no_horizontal_scroll(studio_factory):
     await page.wait_for_selector(".preview:not(.bad) img")
     await page.fill("#prompt", "a long prompt " * 20)
     await no_horizontal_scroll(page, "create")
+    await accessible(page, "create")
     await shoot(page, "04-create-filled")
     await page.click("button[type=submit]")
     await page.wait_for_url(re.compile(r"#/g/"))
     await page.wait_for_selector(".stage-name")
     await no_horizontal_scroll(page, "watch")
+    await accessible(page, "watch")
     await shoot(page, "05-watch")
     await steps_until_done(page)
     await result_image(page)
     await no_horizontal_scroll(page, "result")
+    await accessible(page, "result")
     await shoot(page, "06-result")
     for nav, name, ready in (("works", "07-works", ".work-card img"), ("credits", "08-credits", ".ledger tbody tr")):
         await page.click(f".nav a[data-nav='{nav}']")
         await page.wait_for_selector(ready)
         await no_horizontal_scroll(page, nav)
+        await accessible(page, nav)
         await shoot(page, name)
 
 
@@ -336,3 +382,33 @@ async def test_operator_token_creates_a_user_and_links_to_the_temporal_ui(studio
         f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{task_id}")
     await steps_until_done(page)
     assert not [r.url for r in requests if studio.admin_token in r.url]
+
+
+
+async def test_a_failed_generation_is_explained_with_its_refund(studio_factory):
+    studio: Studio = await studio_factory()
+    _, key = await studio.new_user(credits_=40)
+    auth = {"Authorization": f"Bearer {key}"}
+    with FakeHttpServer() as files:
+        # Served as a JPEG, but not an image: the generation fails after its charge.
+        files.route("/photo.jpg", status=200, headers={"Content-Type": "image/jpeg"}, body=b"not an image at all")
+        started = await studio.http.post("/v1/generations", headers=auth, json={
+            "kind": "photography", "images": [{"url": files.url("/photo.jpg")}]})
+        assert started.status_code == 202, started.text
+        task_id = started.json()["id"]
+        page = await studio.page()
+        await page.goto(f"/#/g/{task_id}")
+        await signed_in(page, key)  # the link is kept through the sign-in
+        await page.wait_for_url(re.compile(f"#/g/{task_id}$"))
+        outcome = page.locator(".outcome-panel")
+        await outcome.wait_for(timeout=60_000)
+    text = await outcome.inner_text()
+    assert "could not be used as an image" in text and "JPEG, PNG or WebP" in text
+    assert "Refund" in text and "10 credits returned" in text
+    # Plain words: no error code, no JSON.
+    assert "BadImage" not in text and "{" not in text
+    assert await page.inner_text("h1") == "It did not finish"
+    await accessible(page, "failed")
+    await shoot(page, "17-failed")
+    generation = await studio.generation(key, task_id)
+    assert generation["status"] == "failed" and generation["credits"] == {"charged": 10, "refunded": 10}

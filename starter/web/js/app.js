@@ -242,13 +242,14 @@ function renderWatch(root, id) {
   let finished = false;
   let lastMoney = null;
 
-  function addStep(name) {
+  function addStep(name, status) {
     if (seen[seen.length - 1] === name) return;
     seen.push(name);
     const items = steps.querySelectorAll("li");
     items.forEach((li) => li.classList.replace("now", "done"));
-    steps.append(h("li", { class: "now", dataset: { stage: name } },
-      h("span", { class: "step-mark", "aria-hidden": "true" }, icon("check")), name));
+    const stopped = TERMINAL.has(status) && status !== "completed";
+    steps.append(h("li", { class: stopped ? "now stopped" : "now", dataset: { stage: name } },
+      h("span", { class: "step-mark", "aria-hidden": "true" }, icon(stopped ? "x" : "check")), name));
   }
 
   function fact(name, value) {
@@ -267,7 +268,7 @@ function renderWatch(root, id) {
     progress.classList.toggle("working", !TERMINAL.has(g.status));
     replace(stage, name);
     replace(percent, `${value} %`);
-    addStep(name);
+    addStep(name, g.status);
     const waiting = g.stage === "waiting_for_model" || g.queue_position;
     queue.hidden = !waiting || TERMINAL.has(g.status);
     if (waiting) {
@@ -280,14 +281,16 @@ function renderWatch(root, id) {
     const charged = g.credits ? g.credits.charged : 0;
     const money = `${charged}/${g.credits ? g.credits.refunded : 0}`;
     if (money !== lastMoney) {
-      // The charge (or a refund) just happened: the header's balance follows it.
-      if (lastMoney !== null) ctx.refreshBalance();
+      // The charge (or a refund) happened since the balance was last read: the header follows it.
+      ctx.refreshBalance();
       lastMoney = money;
     }
     const attempts = Array.isArray(g.attempts) ? g.attempts.length : 0;
     const refunded = g.credits ? g.credits.refunded : 0;
     const closed = TERMINAL.has(g.status);
+    const stoppedAt = closed && g.status !== "completed" && g.error && STAGES[g.error.stage];
     replace(facts,
+      fact("Stopped while", stoppedAt ? stoppedAt.toLowerCase() : null),
       fact("Model", g.model || (closed ? null : "not chosen yet")),
       fact("Attempt", g.attempt ? `${g.attempt}${attempts > 1 ? ` (${attempts} calls so far)` : ""}` : null),
       fact("Credits", charged ? `${credits(charged)} charged${refunded ? `, ${refunded} refunded` : ""}`

@@ -113,7 +113,9 @@ export async function renderCreate(root, ctx) {
     const balance = ctx.balance();
     replace(costLine, h("span", { class: "cost-amount" }, credits(cost)),
       balance === null ? null : h("span", { class: "cost-balance" }, `You have ${credits(balance)}.`));
-    if (balance !== null && balance < cost) {
+    // The server's own 402 answer is on screen: it says the same, once is enough.
+    const answered = !problems.hidden && problems.dataset.kind === "credits";
+    if (balance !== null && balance < cost && !answered) {
       costHint.className = "cost-hint warn";
       replace(costHint, icon("alert"), ` This needs ${credits(cost)}, you have ${balance}. Ask your operator to add credits.`);
     } else {
@@ -291,7 +293,7 @@ export async function renderCreate(root, ctx) {
   function showFailure(err) {
     const [what, next] = apiProblem(err);
     replace(problems, h("h2", {}, icon("alert"), what), h("p", {}, next));
-    problems.dataset.kind = "answer";
+    problems.dataset.kind = err.status === 402 ? "credits" : "answer";
     problems.hidden = false;
     problems.focus();
   }
@@ -336,8 +338,9 @@ export async function renderCreate(root, ctx) {
       form.busy = false;
       refreshCost();
       if (err instanceof ApiError && err.code === "UnknownFile") for (const entry of entries) entry.fileId = null;
-      if (err instanceof ApiError && (err.status === 402 || err.code === "InsufficientCredits")) ctx.refreshBalance();
       showFailure(err);
+      refreshCost();
+      if (err instanceof ApiError && (err.status === 402 || err.code === "InsufficientCredits")) ctx.refreshBalance();
     }
   }
 
