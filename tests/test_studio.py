@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -412,3 +413,46 @@ async def test_a_failed_generation_is_explained_with_its_refund(studio_factory):
     await shoot(page, "17-failed")
     generation = await studio.generation(key, task_id)
     assert generation["status"] == "failed" and generation["credits"] == {"charged": 10, "refunded": 10}
+
+
+async def test_waiting_for_a_model_shows_the_place_in_line(studio_factory, tmp_path):
+    catalogue = tmp_path / "models.json"
+    catalogue.write_text(json.dumps({"models": [
+        {"name": "local-studio", "provider": "local", "priority": 1, "cost": 0, "max_concurrent": 1},
+    ]}))
+    studio: Studio = await studio_factory(local_ai_delay_s=5.0, model_catalogue=catalogue)
+    _, first_key = await studio.new_user(credits_=40)
+    _, key = await studio.new_user(credits_=40)
+    first_auth = {"Authorization": f"Bearer {first_key}"}
+    upload = await studio.http.post("/v1/uploads", headers=first_auth,
+                                    files={"file": ("p.jpg", PERSON.read_bytes(), "image/jpeg")})
+    file_id = upload.json()["file_id"]
+
+    async def someone_else(until: set[str]) -> None:
+        started = await studio.http.post("/v1/generations", headers=first_auth, json={
+            "kind": "photography", "images": [{"file_id": file_id}]})
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 30
+        while True:
+            state = await studio.generation(first_key, started.json()["id"])
+            if state["stage"] in until or state["status"] in until:
+                return
+            assert time.monotonic() < deadline, f"someone else's generation stuck: {state}"
+            await asyncio.sleep(0.2)
+
+    page = await studio.page()
+    await signed_in(page, key)
+    await page.set_input_files("#file-photos", str(PERSON))
+    await page.wait_for_selector(".preview:not(.bad) img")
+    # One call finishes (the line learns how long a call takes), then another holds the one slot.
+    await someone_else({"completed"})
+    await someone_else({"generating"})
+    await page.click("button[type=submit]")
+    queue = page.locator(".queue:not([hidden])")
+    await queue.wait_for(timeout=30_000)
+    text = await queue.inner_text()
+    assert "1st in line" in text and "to go" in text, text
+    assert await page.inner_text(".stage-name") == "Waiting for a free model"
+    await shoot(page, "16-waiting-in-line")
+    steps = await steps_until_done(page)
+    assert "Waiting for a free model" in steps and steps[-1] == "Ready", steps
