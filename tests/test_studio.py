@@ -179,6 +179,17 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     assert await page.locator(".work-detail a[download]").get_attribute("href")
     await accessible(page, "work")
     await shoot(page, "07-work")
+
+    # Deleting the work: asked once more, then gone from the gallery, its image link with it.
+    image_link = shown["apiUrl"]
+    await page.click("button:has-text('Delete')")
+    await page.click("button:has-text('Delete for good')")
+    await page.wait_for_url(re.compile(r"#/works$"))
+    await page.wait_for_selector(".empty:has-text('No works yet')")
+    gone = await studio.http.get(image_link)
+    assert gone.status_code in (403, 404), gone.status_code
+    listed = await studio.http.get("/v1/works", headers={"Authorization": f"Bearer {key}"})
+    assert listed.json()["items"] == []
     await page.click(".nav a[data-nav='credits']")
     await page.wait_for_selector(".ledger tr.charge")
     assert "−10" in await page.inner_text(".ledger tr.charge")
