@@ -83,7 +83,7 @@ def build_dependencies(settings: Settings) -> Dependencies:
     engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
     blobs = BlobStore(settings.blob_dir, fsync=settings.blob_fsync)
     http = build_http_client(settings.connect_timeout_s, settings.read_timeout_s)
-    guard = UrlGuard(allow_private=settings.allow_private_urls)
+    guard = UrlGuard(allow_private=settings.allow_private_urls, allowed_ports=frozenset(settings.allowed_url_ports))
     downloader = Downloader(http, guard, max_bytes=settings.max_download_bytes,
                             max_redirects=settings.max_redirects, total_timeout_s=settings.download_total_timeout_s)
     # Providers get their own pooled client: user URLs are fetched without keep-alive (each

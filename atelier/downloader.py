@@ -31,6 +31,8 @@ ProgressCallback = Callable[[int], object]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
+# Ports a URL may name without configuration (ATELIER_ALLOWED_URL_PORTS adds others).
+DEFAULT_URL_PORTS = frozenset({80, 443})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Client errors a later attempt may well not get (timeouts, rate limits).
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 425, 429})
@@ -126,12 +128,23 @@ def _parse(url: str | httpx.URL) -> httpx.URL:
         raise UrlRefused(f"not a valid URL: {exc}") from None
 
 
+def port_refusal(url: httpx.URL, allowed_ports: frozenset[int] | set[int]) -> str | None:
+    """Why the port `url` names may not be used (None if it may): 80, 443 and `allowed_ports`."""
+    port = url.port if url.port is not None else (443 if url.scheme == "https" else 80)
+    if port in DEFAULT_URL_PORTS or port in allowed_ports:
+        return None
+    return f"port {port} is not allowed (80 and 443 are; others only when listed in ATELIER_ALLOWED_URL_PORTS)"
+
+
 class UrlGuard:
     """Which URLs may be fetched: http(s) only, no credentials in the URL, and, unless
-    `allow_private`, only hosts all of whose addresses are public."""
+    `allow_private` (tests and local runs), only hosts all of whose addresses are public and
+    only ports 80, 443 and `allowed_ports`."""
 
-    def __init__(self, *, allow_private: bool, resolver: Resolver | None = None) -> None:
+    def __init__(self, *, allow_private: bool, resolver: Resolver | None = None,
+                 allowed_ports: frozenset[int] | set[int] = frozenset()) -> None:
         self.allow_private = allow_private
+        self.allowed_ports = frozenset(allowed_ports)
         self._resolve = resolver or system_resolver
 
     async def check(self, url: str) -> None:
@@ -148,6 +161,10 @@ class UrlGuard:
             raise UrlRefused("the URL has no host")
         if parsed.userinfo:
             raise UrlRefused("URLs with a user name or password are refused")
+        if not self.allow_private:
+            refusal = port_refusal(parsed, self.allowed_ports)
+            if refusal:
+                raise UrlRefused(f"{refusal}: {display_url(parsed)}")
 
         literal = literal_address(host)
         if literal is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,7 @@ class Settings(BaseSettings):
 
     # --- downloads and images
     allow_private_urls: bool = False
+    allowed_url_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     max_download_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_redirects: int = Field(default=5, ge=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -103,6 +105,21 @@ class Settings(BaseSettings):
         if v not in ("gemini", "local"):
             raise ValueError("must be 'gemini' or 'local'")
         return v
+
+    @field_validator("allowed_url_ports", mode="before")
+    @classmethod
+    def _ports_from_a_list(cls, v: object) -> object:
+        if isinstance(v, str):  # "8080,8443" (or spaces) from the environment
+            return [part for part in v.replace(",", " ").split() if part]
+        return v
+
+    @field_validator("allowed_url_ports")
+    @classmethod
+    def _ports_in_range(cls, v: list[int]) -> list[int]:
+        for port in v:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port (1-65535)")
+        return sorted(set(v))
 
     @field_validator("webhook_secret")
     @classmethod
@@ -166,6 +183,8 @@ DESCRIPTIONS = {
     "cost_photography": "credits charged for a photography generation",
     "cost_fitting": "credits charged for a fitting generation",
     "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",
+    "allowed_url_ports": "ports other than 80 and 443 that image and webhook URLs may name, comma-separated "
+                         "(e.g. `8080,8443`); ATELIER_ALLOW_PRIVATE_URLS lifts the port rule too",
     "max_download_bytes": "largest input image accepted, by URL or upload",
     "max_redirects": "redirects followed when fetching an image",
     "connect_timeout_s": "seconds to connect to an image host",

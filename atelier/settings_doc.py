@@ -60,6 +60,8 @@ def _default(field: FieldInfo) -> str:
         value = str(value)
     if value == "":
         return "(empty)"
+    if value == []:
+        return "(none)"
     return f"`{value}`"
 
 

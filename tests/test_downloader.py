@@ -179,8 +179,73 @@ async def test_guard_accepts_public_addresses() -> None:
     guard = UrlGuard(allow_private=False, resolver=resolver)
     assert await guard.addresses("https://cdn.example/a.jpg") == [PUBLIC_IP, PUBLIC_IP6, "64:ff9b::5db8:d822"]
     assert await guard.addresses("http://8.8.8.8/a.jpg") == ["8.8.8.8"]
-    assert await guard.addresses(f"http://[{PUBLIC_IP6}]:8080/a.jpg") == [PUBLIC_IP6]
+    assert await guard.addresses(f"http://[{PUBLIC_IP6}]:443/a.jpg") == [PUBLIC_IP6]
+    assert await guard.addresses("https://8.8.8.8:80/a.jpg") == ["8.8.8.8"]
     assert forbidden_reason(ipaddress.ip_address("::ffff:8.8.8.8")) is None
+
+
+# ---- ports (issue 10 #10): 80 and 443, others only when configured
+
+
+@pytest.mark.parametrize("url", [
+    f"http://{PUBLIC_IP}:8080/a.jpg", f"https://[{PUBLIC_IP6}]:8443/a.jpg", "http://cdn.example:22/a.jpg",
+    "http://cdn.example:6379/", "https://cdn.example:25/a.jpg", "http://cdn.example:0/a.jpg",
+])
+async def test_guard_refuses_other_ports_on_public_hosts_without_resolving(url: str) -> None:
+    with pytest.raises(UrlRefused, match="port .* is not allowed") as caught:
+        await UrlGuard(allow_private=False, resolver=NoLookups()).check(url)
+    assert caught.value.retryable is False
+
+
+async def test_configured_ports_are_allowed_and_only_they() -> None:
+    resolver = FakeResolver({"cdn.example": [PUBLIC_IP]})
+    guard = UrlGuard(allow_private=False, resolver=resolver, allowed_ports={8080, 8443})
+    assert await guard.addresses("http://cdn.example:8080/a.jpg") == [PUBLIC_IP]
+    assert await guard.addresses("https://cdn.example:8443/a.jpg") == [PUBLIC_IP]
+    assert await guard.addresses("https://cdn.example/a.jpg") == [PUBLIC_IP]
+    with pytest.raises(UrlRefused, match="port 9000"):
+        await guard.check("http://cdn.example:9000/a.jpg")
+
+
+async def test_allow_private_lifts_the_port_rule_for_loopback_tests() -> None:
+    guard = UrlGuard(allow_private=True, resolver=NoLookups())
+    assert await guard.addresses("http://127.0.0.1:41234/a.jpg") == ["127.0.0.1"]
+
+
+async def test_a_redirect_to_another_port_is_refused_before_it_is_followed() -> None:
+    transport = RecordingTransport(lambda request: httpx.Response(
+        302, headers={"Location": f"http://{PUBLIC_IP}:2375/containers/json"}))
+    downloader = offline_downloader(transport, NoLookups())
+    with pytest.raises(UrlRefused, match="port 2375"):
+        await downloader.fetch(f"http://{PUBLIC_IP}/a.jpg")
+    assert len(transport.requests) == 1
+
+
+async def test_webhooks_to_other_ports_are_refused_without_a_connection() -> None:
+    transport = RecordingTransport()
+    with pytest.raises(UrlRefused, match="port 8080"):
+        await offline_downloader(transport, NoLookups()).post(f"http://{PUBLIC_IP}:8080/hook", content=b"{}",
+                                                              headers={})
+    assert transport.requests == []
+
+
+@pytest.mark.parametrize(("url", "allowed", "refused"), [
+    (f"https://{PUBLIC_IP}:8443/a.jpg", frozenset(), True),
+    (f"https://{PUBLIC_IP}:8443/a.jpg", frozenset({8443}), False),
+    ("https://cdn.example/a.jpg", frozenset(), False),
+    ("http://cdn.example:80/a.jpg", frozenset(), False),
+    ("http://cdn.example:3000/hook", frozenset(), True),
+])
+def test_the_api_refuses_other_ports_at_once(url: str, allowed: frozenset[int], refused: bool) -> None:
+    from atelier.errors import InvalidRequest
+    from starter.api.urls import check_url
+
+    if refused:
+        with pytest.raises(InvalidRequest, match="port .* is not allowed"):
+            check_url(url, "webhook_url", allow_private=False, allowed_ports=allowed)
+    else:
+        check_url(url, "webhook_url", allow_private=False, allowed_ports=allowed)
+    check_url(url, "webhook_url", allow_private=True)  # loopback tests and local runs
 
 
 async def test_allow_private_admits_private_addresses_but_not_other_refusals() -> None:
@@ -232,13 +297,13 @@ async def test_request_goes_to_the_address_that_was_checked() -> None:
     # A rebinding DNS server: public for the check, private for any later lookup.
     resolver = FakeResolver({"rebind.example": [[PUBLIC_IP], ["10.0.0.5"]]})
     transport = RecordingTransport(lambda request: httpx.Response(200, content=b"image bytes"))
-    body = await offline_downloader(transport, resolver).fetch("https://rebind.example:8443/a.jpg?sig=1")
+    body = await offline_downloader(transport, resolver).fetch("https://rebind.example/a.jpg?sig=1")
     assert body == b"image bytes"
     assert resolver.lookups == ["rebind.example"]
     [sent] = transport.requests
     assert (sent.url.scheme, sent.url.host, sent.url.port, sent.url.raw_path) == (
-        "https", PUBLIC_IP, 8443, b"/a.jpg?sig=1")
-    assert sent.headers["Host"] == "rebind.example:8443"
+        "https", PUBLIC_IP, None, b"/a.jpg?sig=1")
+    assert sent.headers["Host"] == "rebind.example"
     assert sent.extensions["sni_hostname"] == "rebind.example"  # TLS is checked against the name
 
 
@@ -248,7 +313,7 @@ async def test_request_goes_to_the_address_that_was_checked() -> None:
 async def test_loopback_is_refused_unless_private_is_allowed(server: FakeHttpServer,
                                                              client: httpx.AsyncClient) -> None:
     server.route("/a.jpg", body=b"secret")
-    with pytest.raises(UrlRefused, match="loopback"):
+    with pytest.raises(UrlRefused, match="loopback|port"):  # the fake's port is refused as well
         await loopback_downloader(client, allow_private=False).fetch(server.url("/a.jpg"))
     assert server.hits() == 0
 

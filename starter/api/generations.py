@@ -58,11 +58,12 @@ def _check_inputs(ctx: ApiContext, user_id: str, body: GenerationCreate, *, dead
             webhook_events=list(dict.fromkeys(e.value for e in body.webhook_events)),
         )
         allow_private = ctx.settings.allow_private_urls
+        ports = frozenset(ctx.settings.allowed_url_ports)
         for index, image in enumerate(req.images):
             if image.url:
-                check_url(image.url, f"images[{index}].url", allow_private=allow_private)
+                check_url(image.url, f"images[{index}].url", allow_private=allow_private, allowed_ports=ports)
         if req.webhook_url:
-            check_url(req.webhook_url, "webhook_url", allow_private=allow_private)
+            check_url(req.webhook_url, "webhook_url", allow_private=allow_private, allowed_ports=ports)
     except InvalidRequest as err:
         raise ApiError(422, err.code, err.message) from None
     return req

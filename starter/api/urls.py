@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import httpx
 
-from atelier.downloader import forbidden_reason, literal_address
+from atelier.downloader import forbidden_reason, literal_address, port_refusal
 from atelier.errors import InvalidRequest, UrlRefused
 
 
-def check_url(url: str, label: str, *, allow_private: bool) -> None:
+def check_url(url: str, label: str, *, allow_private: bool, allowed_ports: frozenset[int] | set[int] = frozenset()) -> None:
     """Raise InvalidRequest for a URL the worker would refuse for sure. Never echoes the URL:
     its query string may carry a signed token."""
     try:
@@ -25,6 +25,9 @@ def check_url(url: str, label: str, *, allow_private: bool) -> None:
         raise InvalidRequest(f"{label} may not carry a user name or password")
     if allow_private:
         return
+    refusal = port_refusal(parsed, allowed_ports)
+    if refusal:
+        raise InvalidRequest(f"{label}: {refusal}")
     bare = host.strip("[]").rstrip(".").lower()
     if bare == "localhost" or bare.endswith(".localhost"):
         raise InvalidRequest(f"{label} points at this machine")
