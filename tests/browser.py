@@ -34,10 +34,17 @@ PHONE = {"width": 390, "height": 844}
 BROWSER_TESTS = "tests/test_studio.py"
 
 
+def _runnable(path: str) -> bool:
+    return Path(path).is_file() and os.access(path, os.X_OK)
+
+
 def chromium_path() -> str | None:
+    """ATELIER_CHROMIUM when set (and only it), else Debian's chromium."""
     configured = os.environ.get("ATELIER_CHROMIUM")
-    for candidate in ([configured] if configured else []) + list(CHROMIUM_CANDIDATES):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+    if configured:
+        return configured if _runnable(configured) else None
+    for candidate in CHROMIUM_CANDIDATES:
+        if _runnable(candidate):
             return candidate
     return shutil.which("chromium")
 

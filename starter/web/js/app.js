@@ -279,9 +279,10 @@ function renderWatch(root, id) {
       replace(queue, icon("clock"), parts.join(" · "));
     }
     const charged = g.credits ? g.credits.charged : 0;
-    const money = `${charged}/${g.credits ? g.credits.refunded : 0}`;
+    // A charge or refund may have happened since the balance was read (a stream's progress events
+    // carry no credits, so a new stage counts too): the header follows.
+    const money = `${charged}/${g.credits ? g.credits.refunded : 0}/${g.stage}/${g.status}`;
     if (money !== lastMoney) {
-      // The charge (or a refund) happened since the balance was last read: the header follows it.
       ctx.refreshBalance();
       lastMoney = money;
     }

@@ -87,6 +87,11 @@ async function stream(id, state, onUpdate, signal) {
       return null;
     }
     if (response && response.status === 401) throw new ApiError(401, "Unauthorized", "");
+    if (response && response.status === 204) {
+      // Resumed after the final event: nothing more will come; the generation says how it ended.
+      state.current = await get(`/v1/generations/${encodeURIComponent(id)}`, { signal });
+      return state.current;
+    }
     if (response && response.ok && response.body) {
       failures = 0;
       onUpdate({ ...state.current, connection: "live" });
