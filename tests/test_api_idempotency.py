@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import update
 
+from atelier import credits
+
 from atelier.db import idempotency_keys
 from starter.api import idempotency
 from starter.api.schemas import GenerationCreate
@@ -129,3 +131,70 @@ async def test_a_key_stored_by_a_request_that_died_before_starting_is_finished_b
     desc = await api.harness.client.get_workflow_handle(orphan).describe()
     assert desc.workflow_type == "GenerationWorkflow"
     assert started(api) == 1
+
+
+# ---- admin credit grants (issue 10 #11): the same semantics as generations
+
+
+def _grant_path(user_id: str) -> str:
+    return f"/v1/admin/users/{user_id}/credits"
+
+
+async def _grants(api: Api, user_id: str) -> list[int]:
+    return sorted(e.amount for e in await credits.entries(api.harness.engine, user_id) if e.entry == "grant")
+
+
+async def test_a_grant_key_reused_with_another_amount_is_409_and_grants_nothing(api: Api):
+    user_id, _ = await api.new_user(credits_=0)
+    headers = {**api.admin, "Idempotency-Key": "topup-7"}
+    first = await api.http.post(_grant_path(user_id), headers=headers, json={"amount": 5, "reason": "promo"})
+    assert first.status_code == 200 and first.json()["balance"] == 5
+    assert "idempotent-replayed" not in first.headers
+
+    other = await api.http.post(_grant_path(user_id), headers=headers, json={"amount": 500, "reason": "promo"})
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "IdempotencyKeyReused"
+    same = await api.http.post(_grant_path(user_id), headers=headers, json={"reason": "promo", "amount": 5})
+    assert same.status_code == 200 and same.json()["balance"] == 5
+    assert same.headers["idempotent-replayed"] == "true"
+    assert await _grants(api, user_id) == [5]
+    assert await credits.balance(api.harness.engine, user_id) == 5
+
+
+async def test_concurrent_grants_with_one_key_grant_once(api: Api):
+    user_id, _ = await api.new_user(credits_=0)
+    headers = {**api.admin, "Idempotency-Key": "topup-burst"}
+    answers = await asyncio.gather(*[api.http.post(_grant_path(user_id), headers=headers, json={"amount": 3})
+                                     for _ in range(10)])
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {a.json()["balance"] for a in answers} == {3}
+    assert await _grants(api, user_id) == [3]
+
+
+async def test_grant_keys_expire_like_generation_keys_and_are_per_user(api: Api):
+    alice, _ = await api.new_user(credits_=0)
+    bob, _ = await api.new_user(credits_=0)
+    headers = {**api.admin, "Idempotency-Key": "monthly"}
+    assert (await api.http.post(_grant_path(alice), headers=headers, json={"amount": 4})).json()["balance"] == 4
+    assert (await api.http.post(_grant_path(bob), headers=headers, json={"amount": 4})).json()["balance"] == 4
+    long_ago = datetime.now(timezone.utc) - timedelta(hours=api.settings.idempotency_ttl_hours + 1)
+    async with api.harness.engine.begin() as conn:
+        await conn.execute(update(idempotency_keys).where(idempotency_keys.c.user_id == alice)
+                           .values(created_at=long_ago))
+    later = await api.http.post(_grant_path(alice), headers=headers, json={"amount": 6})
+    assert later.status_code == 200 and later.json()["balance"] == 10
+    assert await _grants(api, alice) == [4, 6] and await _grants(api, bob) == [4]
+
+
+async def test_a_grant_key_never_collides_with_the_users_own_generation_keys(api: Api):
+    user_id, auth = await api.new_user(credits_=0)
+    granted = await api.http.post(_grant_path(user_id), headers={**api.admin, "Idempotency-Key": "k1"},
+                                  json={"amount": 50})
+    assert granted.status_code == 200
+    body = await _photo_request(api, auth)
+    mine = await api.http.post("/v1/generations", headers={**auth, "Idempotency-Key": "k1"}, json=body)
+    assert mine.status_code == 202, mine.text
+    assert "idempotent-replayed" not in mine.headers
+    unknown = await api.http.post(_grant_path("usr_nobody"), headers={**api.admin, "Idempotency-Key": "k2"},
+                                  json={"amount": 5})
+    assert unknown.status_code == 404

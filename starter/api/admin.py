@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 
-from fastapi import APIRouter, Body, Depends, Header, Path
+from fastapi import APIRouter, Body, Depends, Header, Path, Response
 
 from atelier import credits, deletion, users
 from starter import service
 from atelier.errors import UnknownUser
 from starter.api.auth import require_admin
 from starter.api.context import ApiContext, context
-from starter.api.errors import not_found
-from starter.api.idempotency import check_key
+from starter.api import idempotency
+from starter.api.errors import ApiError, not_found
 from starter.api.schemas import (
     Balance,
     CreditGrant,
@@ -47,20 +48,42 @@ async def update_user(body: UserUpdate, user_id: str = Path(max_length=64), ctx:
     return {"user_id": user_id, "max_priority": body.max_priority.value}
 
 
+# Grant keys live beside the user's own Idempotency-Keys, under a prefix no user key can take
+# (user keys are printable ASCII).
+GRANT_KEY_PREFIX = "\u00a7admin-credits:"
+
+
 @router.post("/users/{user_id}/credits", response_model=Balance,
-             responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+             responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                        409: {"model": ErrorResponse}},
              summary="Add credits to a user's balance")
 async def add_credits(
     grant: CreditGrant,
+    response: Response,
     user_id: str = Path(max_length=64),
-    idempotency_key: str | None = Header(default=None, alias="Idempotency-Key",
-                                         description="the same key adds the credits once"),
+    idempotency_key: str | None = Header(
+        default=None, alias="Idempotency-Key",
+        description="the same key and body add the credits once for 24 h (ATELIER_IDEMPOTENCY_TTL_HOURS); "
+                    "another body answers 409"),
     ctx: ApiContext = Depends(context),
 ) -> dict:
     grant_id = None
     if idempotency_key is not None:
-        digest = hashlib.sha256(f"{user_id}\x00{check_key(idempotency_key)}".encode()).hexdigest()[:40]
-        grant_id = f"grant-{digest}"
+        key = idempotency.check_key(idempotency_key)
+        if not await users.user_exists(ctx.engine, user_id):
+            raise not_found("no such user")
+        digest = idempotency.body_hash(grant)
+        # Same semantics as POST /v1/generations: the key names one grant (the winner's id) until
+        # it expires; the same body replays it, another body is refused.
+        record = await idempotency.claim(
+            ctx.engine, user_id=user_id, key=GRANT_KEY_PREFIX + hashlib.sha256(key.encode()).hexdigest(),
+            body_hash=digest, task_id=f"grant-{uuid.uuid4().hex}", ttl_hours=ctx.settings.idempotency_ttl_hours)
+        if record.body_hash != digest:
+            raise ApiError(409, "IdempotencyKeyReused",
+                           "this Idempotency-Key was already used with a different request body")
+        if not record.won:
+            response.headers["Idempotent-Replayed"] = "true"
+        grant_id = record.task_id  # a replay completes a first request that died before granting
     try:
         moved = await credits.grant(ctx.engine, user_id=user_id, amount=grant.amount,
                                     reason=grant.reason or "credits added by an operator", grant_id=grant_id)
