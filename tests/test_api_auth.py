@@ -76,7 +76,6 @@ async def test_two_users_cannot_reach_each_others_things(api: Api):
         theirs = await api.http.request(method, path, headers=bob)
         assert theirs.status_code == 404, (path, theirs.text)
         assert theirs.json()["error"]["code"] == "NotFound"
-        assert await api.http.request(method, path, headers=alice) is not None
     # Bob's lists are empty; his use of Alice's file is as good as a forged id.
     assert (await api.http.get("/v1/generations", headers=bob)).json()["items"] == []
     assert (await api.http.get("/v1/works", headers=bob)).json()["items"] == []
@@ -87,9 +86,15 @@ async def test_two_users_cannot_reach_each_others_things(api: Api):
     assert stolen.status_code == forged.status_code == 422
     assert stolen.json()["error"]["code"] == forged.json()["error"]["code"] == "UnknownFile"
     assert started(api) == 1
-    # And Alice still sees all of hers.
+    # And Alice still reaches all of hers: the 404s above were Bob's, not the routes'.
     assert (await api.http.get(output_path, headers=alice)).status_code == 200
     assert (await api.http.get(f"/v1/works/{work_id}", headers=alice)).status_code == 200
+    mine = await api.http.get(f"/v1/generations/{task_id}", headers=alice)
+    assert mine.status_code == 200 and mine.json()["id"] == task_id and mine.json()["status"] == "completed"
+    # Canceling her own finished generation is refused as closed, not as unknown.
+    cancel = await api.http.post(f"/v1/generations/{task_id}/cancel", headers=alice)
+    assert cancel.status_code == 409 and cancel.json()["error"]["code"] == "AlreadyClosed", cancel.text
+    assert (await api.http.get(f"/v1/generations/{task_id}", headers=alice)).json()["status"] == "completed"
 
 
 async def test_a_revoked_key_stops_working_once_the_cache_forgets_it(api: Api):

@@ -175,7 +175,7 @@ async def test_a_second_users_key_never_reaches_the_first_users_things(sec: Sec)
         await fake.wait_for_requests(len(fake.requests) + 1, timeout_s=30)
 
         params = {"task_id": [done_id, running_id], "work_id": [work_id], "key": [output_key, upload_key],
-                  "user_id": [alice.user_id]}
+                  "user_id": [alice.user_id], "file_id": [file_id]}
         bodies = {("POST", "/v1/generations"): {"kind": "photography", "images": [{"file_id": file_id}]},
                   ("POST", "/v1/admin/users/{user_id}/credits"): {"amount": 5}}
         alices = [alice.user_id, done_id, running_id, work_id, output_key, upload_key, file_id, marker]
@@ -193,11 +193,15 @@ async def test_a_second_users_key_never_reaches_the_first_users_things(sec: Sec)
                 r = await world.request(method, path, headers=bob.auth, **kw)
                 walked.add((method, template))
                 assert r.status_code < 500, (method, path, r.text)
-                if names:
-                    expected = {401, 403} if template.startswith("/v1/admin") else {403, 404}
-                    assert r.status_code in expected, (method, path, r.status_code, r.text)
-                elif template.startswith("/v1/admin"):
+                if template.startswith("/v1/admin"):
                     assert r.status_code in (401, 403), (method, path, r.status_code)
+                elif template == "/v1/images/{key}":
+                    # The signed-link route takes no key: without Alice's signature it is a bad link.
+                    assert r.status_code == 403 and r.json()["error"]["code"] == "BadSignature", (path, r.text)
+                elif names:
+                    # The README's promise: anything of another user's is 404, as if it did not exist.
+                    assert r.status_code == 404, (method, path, r.status_code, r.text)
+                    assert r.json()["error"]["code"] == "NotFound", (method, path, r.text)
                 elif (method, template) == ("POST", "/v1/generations"):
                     assert r.status_code == 422, r.text  # Alice's file is as good as unknown to Bob
                 # Nothing of Alice's in the answer, beyond what Bob put in the request himself.
