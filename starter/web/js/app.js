@@ -228,12 +228,13 @@ function renderWatch(root, id) {
   const queue = h("p", { class: "queue", hidden: true });
   const facts = h("dl", { class: "facts" });
   const steps = h("ol", { class: "steps", "aria-label": "Steps so far" });
+  const tries = h("details", { class: "tries", hidden: true });
   const connection = h("p", { class: "connection muted" });
   const cancelButton = h("button", { type: "button", class: "danger" }, icon("x"), "Cancel and refund");
   const actions = h("div", { class: "actions" }, cancelButton);
   const live = h("section", { class: "panel watch", "aria-labelledby": "watch-title" },
     h("h2", { id: "watch-title", class: "visually-hidden" }, "Progress"),
-    h("div", { class: "stage-row" }, stage, percent), progress, queue, facts, steps, connection, actions);
+    h("div", { class: "stage-row" }, stage, percent), progress, queue, facts, steps, tries, connection, actions);
   const outcome = h("section", { class: "outcome", hidden: true });
   const layout = h("div", { class: "watch-layout" }, live, outcome);
   replace(root, h("div", { class: "page-head" }, eyebrow, title), layout);
@@ -297,6 +298,12 @@ function renderWatch(root, id) {
       fact("Credits", charged ? `${credits(charged)} charged${refunded ? `, ${refunded} refunded` : ""}`
         : closed ? "nothing charged" : "not charged yet"));
     progress.dataset.status = g.status;
+    const calls = Array.isArray(g.attempts) ? g.attempts : [];
+    if (calls.length > 1 || calls.some((a) => a.outcome !== "running" && a.outcome !== "succeeded")) {
+      replace(tries, h("summary", {}, `Calls to the image service: ${calls.length}`),
+        h("ol", {}, calls.map((a) => h("li", {}, `${a.model}: ${OUTCOMES[a.outcome] || a.outcome}`))));
+      tries.hidden = false;
+    }
     replace(connection, g.connection === "reconnecting" ? "Connection lost; trying again…"
       : g.connection === "live" ? "Live" : g.connection === "polling" ? "Checking every second" : "");
     if (!TERMINAL.has(g.status)) {
@@ -376,6 +383,11 @@ function renderWatch(root, id) {
     .then((g) => { if (!signal.aborted) finish(g); })
     .catch((err) => { if (err.name !== "AbortError") showProblem(root, err); });
 }
+
+const OUTCOMES = {
+  running: "working", succeeded: "done", failed: "failed", busy: "busy, waited", timed_out: "took too long",
+  canceled: "canceled",
+};
 
 function ext(contentType) {
   return { "image/png": "png", "image/webp": "webp" }[contentType] || "jpg";
