@@ -2,7 +2,10 @@
 
 Starts the Temporal dev server (SQLite file under var/, WAL mode, Web UI on 8233, the custom
 search attributes registered), applies the database migrations, then runs the worker and
-the API. A worker that dies is restarted while the rest keeps serving; Ctrl-C stops all.
+the API. A worker that dies is restarted while the rest keeps serving; Ctrl-C stops all, in
+the reverse order of start (API, worker, then Temporal), so nothing loses its server while it
+still runs. The Temporal server's own log goes to var/temporal.log, not the console: its
+internal workers log connection warnings while it shuts itself down.
 """
 
 from __future__ import annotations
@@ -100,9 +103,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
-    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
+    def spawn(name: str, cmd: list[str], log: Path | None = None) -> subprocess.Popen:
         # Own process group: Ctrl-C reaches us once, and we stop the children in order.
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        output = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child holds it
+        try:
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                           stdout=output, stderr=subprocess.STDOUT if output else None)
+        finally:
+            if output is not None:
+                output.close()
         print(f"[run] started {name} (pid {procs[name].pid})", flush=True)
         return procs[name]
 
@@ -110,7 +119,8 @@ def main() -> int:
         if _wait_for_port(host, int(port), 0.2):
             print(f"[run] a Temporal server already answers on {settings.temporal_address}: using it", flush=True)
         else:
-            spawn("temporal", temporal_command(var, host, int(port), args.ui_port))
+            spawn("temporal", temporal_command(var, host, int(port), args.ui_port), log=var / "temporal.log")
+            print(f"[run] Temporal server log: {var / 'temporal.log'}", flush=True)
             if not _wait_for_port(host, int(port), 30):
                 print("[run] the Temporal dev server did not start within 30 s", file=sys.stderr)
                 return 1
@@ -145,6 +155,7 @@ def main() -> int:
         for name in ("api", "worker", "temporal"):
             proc = procs.get(name)
             if proc and proc.poll() is None:
+                print(f"[run] stopping {name}", flush=True)
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=15)
