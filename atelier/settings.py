@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
     url_signing_secret: SecretStr | None = None
     url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    events_poll_s: float = Field(default=1.0, ge=0.1, le=10.0)
+    events_keepalive_s: float = Field(default=15.0, ge=1.0, le=60.0)
 
     # --- retention
     input_retention_hours: float = Field(default=24.0, gt=0)
@@ -220,6 +222,8 @@ DESCRIPTIONS = {
     "url_signing_secret": "HMAC key of the signed image links in answers and webhooks, 32+ characters "
                           "(unset: image links need the API key)",
     "url_ttl_s": "seconds a signed image link stays valid",
+    "events_poll_s": "how often the progress stream asks the workflow for changes (its `events` query)",
+    "events_keepalive_s": "seconds between keep-alive comments on an idle progress stream",
     "input_retention_hours": "input images (uploads and downloaded inputs) are deleted this long after the "
                              "generation that used them ended (unused uploads: after their upload)",
     "retention_interval_s": "how often the retention schedule runs its clean-up workflow",

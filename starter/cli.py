@@ -15,6 +15,8 @@ import mimetypes
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -100,23 +102,85 @@ def waiting_line(g: dict) -> str:
     return text
 
 
-def _watch(fetch, task_id: str, timeout_s: float) -> dict:
-    """Poll until the generation ends, with a live bar of the stages."""
+@dataclass
+class StreamEvent:
+    id: str | None
+    event: str
+    data: str
+
+
+def parse_events(lines) -> Iterator[StreamEvent]:
+    """Server-Sent Events from an iterator of text lines (comments, the keep-alives, are skipped)."""
+    event_id, name, data = None, "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield StreamEvent(event_id, name, "\n".join(data))
+            name, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "id":
+            event_id = value
+        elif field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+
+
+def follow(api: httpx.Client, task_id: str, timeout_s: float, on_progress=lambda g: None) -> dict:
+    """Follow a generation's progress stream to its end and return the final generation object.
+    A dropped connection is resumed with Last-Event-ID (nothing lost, nothing repeated)."""
+    deadline = time.monotonic() + timeout_s
+    last_id: str | None = None
+    failures = 0
+    while time.monotonic() < deadline:
+        headers = _user_headers()
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        try:
+            # Keep-alives come every 15 s: a read that waits much longer means a dead connection.
+            with api.stream("GET", f"/v1/generations/{task_id}/events", headers=headers,
+                            timeout=httpx.Timeout(10.0, read=45.0)) as response:
+                if response.status_code == 204:  # resumed after the end: read the outcome
+                    return _check(api.get(f"/v1/generations/{task_id}", headers=_user_headers()))
+                if response.status_code != 200:
+                    response.read()
+                    _check(response)
+                for event in parse_events(response.iter_lines()):
+                    last_id = event.id or last_id
+                    body = json.loads(event.data)
+                    if event.event == "progress":
+                        on_progress(body)
+                    elif event.event in TERMINAL or event.event == "done":
+                        return body
+                    if time.monotonic() > deadline:
+                        break
+        except httpx.TransportError as err:
+            failures += 1
+            if failures > 20:
+                raise CliError(f"lost the progress stream of {task_id}: {err}") from None
+            time.sleep(min(5.0, 0.5 * failures))
+    raise CliError(f"still running after {timeout_s:.0f} s; check later: atelier status {task_id}")
+
+
+def _watch(api: httpx.Client, task_id: str, timeout_s: float) -> dict:
+    """Follow the progress stream with a live bar of the stages; return the final generation."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    deadline = time.monotonic() + timeout_s
     with Progress(TextColumn("[bold]{task.fields[stage]:<16}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("{task.fields[model]}"), TimeElapsedColumn()) as bar:
         task = bar.add_task(task_id, total=100, stage="queued", model="")
-        while True:
-            g = fetch()
+
+        def show(g: dict) -> None:
             bar.update(task, completed=g.get("progress") or 0, stage=g.get("stage") or "",
                        model=waiting_line(g) or g.get("model") or "")
-            if g.get("status") in TERMINAL:
-                return g
-            if time.monotonic() > deadline:
-                raise CliError(f"still {g.get('status')} after {timeout_s:.0f} s; check later: atelier status {task_id}")
-            time.sleep(1.0)
+
+        final = follow(api, task_id, timeout_s, show)
+        show(final)
+        return final
 
 
 def _print_generation(g: dict) -> None:
@@ -144,10 +208,16 @@ def cmd_submit(args) -> int:
         print(f"submitted {started['id']} ({started['status']})")
         if not args.wait:
             return 0
-        final = _watch(lambda: _check(api.get(f"/v1/generations/{started['id']}", headers=_user_headers())),
-                       started["id"], args.timeout)
+        final = _watch(api, started["id"], args.timeout)
         _print_generation(final)
         return 0 if final["status"] == "completed" else 1
+
+
+def cmd_watch(args) -> int:
+    with _api(args) as api:
+        final = _watch(api, args.id, args.timeout)
+    _print_generation(final)
+    return 0 if final["status"] == "completed" else 1
 
 
 def cmd_status(args) -> int:
@@ -338,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--direct", action="store_true", help="through Temporal and the database, without the API")
     s.add_argument("--user", help="the user to charge (with --direct)")
     s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("watch", help="follow a generation's progress stream until it ends")
+    s.add_argument("id")
+    s.add_argument("--timeout", type=float, default=900.0, help="seconds to follow it (default 900)")
+    s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("status", help="show one generation")
     s.add_argument("id")

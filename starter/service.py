@@ -37,11 +37,14 @@ from atelier.messages import (
     SA_STATUS,
     SA_USER_ID,
     WORKFLOW_TYPE,
+    EventsPage,
+    EventsRequest,
     GenerationRequest,
     GenerationResult,
     ImageInput,
     Kind,
     Progress,
+    ProgressEvent,
     QueueUpdate,
     Stage,
     Status,
@@ -450,3 +453,46 @@ async def erase_generations(client: Client, user_id: str, *, settle_s: float = 1
         deleted += await _delete_execution(client, e.id)
         await _delete_execution(client, f"{e.id}-webhook")
     return ErasedGenerations(canceled=len(running), histories_deleted=deleted, still_running=len(pending))
+
+
+# ---- the progress stream ----------------------------------------------------------------
+
+
+@dataclass
+class EventsRead:
+    """One look at a generation for the progress stream."""
+
+    user_id: str
+    running: bool
+    # The changes after the asked sequence number and the current progress; empty and None when
+    # no worker answered (queued with no worker yet, or a closed workflow with none to replay it).
+    events: list[ProgressEvent]
+    progress: Progress | None
+
+
+async def read_events(client: Client, task_id: str, after_seq: int) -> EventsRead | None:
+    """The generation's visible changes after `after_seq` through the workflow's `events` query
+    (read-only: nothing is written to its history), or None if there is no such generation."""
+    from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+
+    handle = client.get_workflow_handle(task_id)
+    try:
+        desc = await handle.describe()
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+    if desc.workflow_type != WORKFLOW_TYPE:
+        return None
+    attrs = desc.typed_search_attributes
+    user_id = attrs.get(USER_KEY) or ""
+    running = desc.status == WorkflowExecutionStatus.RUNNING
+    if running and (attrs.get(STATUS_KEY) or Status.QUEUED.value) == Status.QUEUED.value:
+        # No worker has run its first task: none could answer a query either.
+        return EventsRead(user_id, running, [], None)
+    try:
+        page: EventsPage = await handle.query(GenerationWorkflow.events, EventsRequest(after_seq=after_seq),
+                                              rpc_timeout=QUERY_TIMEOUT)
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        return EventsRead(user_id, running, [], None)
+    return EventsRead(user_id, running, list(page.events), page.progress)

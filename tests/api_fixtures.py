@@ -139,6 +139,8 @@ def settings_env(settings: Settings, temporal_address: str, port: int) -> dict[s
         "ATELIER_API_HOST": "127.0.0.1",
         "ATELIER_API_PORT": str(port),
         "PYTHONUNBUFFERED": "1",
+        "ATELIER_EVENTS_POLL_S": str(settings.events_poll_s),
+        "ATELIER_EVENTS_KEEPALIVE_S": str(settings.events_keepalive_s),
     })
     if settings.admin_token:
         env["ATELIER_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()

@@ -30,7 +30,7 @@ from tests.fakes.images import jpeg
 EXAMPLES_PER_OPERATION = 15
 # Routes added by issue 11 (signed links, deletion, the progress stream): fuzzed like the rest.
 ISSUE_11_OPERATIONS = {"GET /v1/images/{key}", "DELETE /v1/works/{work_id}", "DELETE /v1/uploads/{file_id}",
-                       "POST /v1/admin/users/{user_id}/erase"}
+                       "POST /v1/admin/users/{user_id}/erase", "GET /v1/generations/{task_id}/events"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
 

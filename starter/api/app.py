@@ -20,7 +20,7 @@ from temporalio.client import Client
 from atelier.blobstore import BlobStore
 from atelier.db import create_engine
 from atelier.settings import Settings, load_settings
-from starter.api import admin, files, generations, health, library, web
+from starter.api import admin, files, generations, health, library, stream, web
 from starter.api.context import ApiContext
 from starter.api.cursors import cursor_key
 from starter.api.errors import install_error_handlers
@@ -36,8 +36,10 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 DESCRIPTION = """Durable, paid AI image generations: photography and virtual try-on (fitting).
 
-Authenticate with `Authorization: Bearer <api key>`. Start a generation, then poll it (or
-receive a signed webhook): the API answers at once and never waits on the work."""
+Authenticate with `Authorization: Bearer <api key>`. Start a generation, then watch its progress
+stream (`/v1/generations/{id}/events`), poll it, or receive signed webhooks; `Prefer: wait=N` answers
+with the finished generation when it ends within N seconds. Image links are signed and load without
+a key."""
 
 
 def create_app(settings: Settings, *, client: Client | None = None, engine: AsyncEngine | None = None,
@@ -80,7 +82,8 @@ def create_app(settings: Settings, *, client: Client | None = None, engine: Asyn
         if client is not None and engine is not None and blobs is not None else None
     )
     install_error_handlers(app)
-    for router in (generations.router, files.router, library.router, admin.router, health.router, web.router):
+    for router in (generations.router, stream.router, files.router, library.router, admin.router, health.router,
+                   web.router):
         app.include_router(router)
     web.install_studio(app, settings)
     # Last added runs first: metrics see every answer, including a refused body.
