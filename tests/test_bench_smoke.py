@@ -28,6 +28,7 @@ EXPECTED = {
     "images": {"images", "speedup_jpeg", "speedup_png", "goal_met"},
     "history": {"cases", "largest_history_bytes", "goal_met"},
     "submit": {"closed_loop", "open_loop", "saturation_rps", "goals_met", "chart"},
+    "local_provider": {"arms", "cpu_ms_per_generation", "cpu_ratio_before_over_now", "goal_met"},
 }
 TIMEOUT_S = 150
 
