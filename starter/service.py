@@ -446,12 +446,18 @@ async def erase_generations(client: Client, user_id: str, *, settle_s: float = 1
         pending = [t for t in pending if t not in closed]
         if pending:
             await asyncio.sleep(0.25)
+    closed = [e.id for e in executions if e.id not in pending]
     deleted = 0
-    for e in executions:
-        if e.id in pending:
-            continue
-        deleted += await _delete_execution(client, e.id)
-        await _delete_execution(client, f"{e.id}-webhook")
+    for start in range(0, len(closed), 50):
+        chunk = closed[start:start + 50]
+        # Their webhook deliveries carry the generation object too: gone with them, finished or not.
+        family = f"RootWorkflowId IN ({', '.join(_quoted(i) for i in chunk)})"
+        children = [w.id async for w in client.list_workflows(family, limit=MAX_ERASED_GENERATIONS,
+                                                              rpc_timeout=LIST_TIMEOUT) if w.id not in chunk]
+        for workflow_id in children:
+            await _delete_execution(client, workflow_id)
+        for workflow_id in chunk:
+            deleted += await _delete_execution(client, workflow_id)
     return ErasedGenerations(canceled=len(running), histories_deleted=deleted, still_running=len(pending))
 
 

@@ -22,6 +22,7 @@ from atelier.messages import RetentionResult
 from sqlalchemy import select
 from tests.api_fixtures import Api, api, api_factory, make_api, wait_until  # noqa: F401 - fixtures
 from tests.fakes.images import jpeg, png
+from tests.fakes.webhook_receiver import WebhookReceiver
 from worker import ensure_retention_schedule, retention_schedule_id
 
 CHUNK = 128
@@ -100,10 +101,10 @@ async def histories_holding(client: Client, workflow_ids: list[str], pieces: lis
     return found
 
 
-async def _generate(api: Api, auth: dict, photo: bytes, *, prompt: str = "") -> dict:
+async def _generate(api: Api, auth: dict, photo: bytes, *, prompt: str = "", **extra) -> dict:
     file_id = await api.upload(auth, photo)
     started = await api.http.post("/v1/generations", headers=auth, json={
-        "kind": "photography", "images": [{"file_id": file_id}], "prompt": prompt})
+        "kind": "photography", "images": [{"file_id": file_id}], "prompt": prompt, **extra})
     assert started.status_code == 202, started.text
     done = await api.poll(auth, started.json()["id"], timeout=60)
     assert done["status"] == "completed", done
@@ -178,9 +179,15 @@ async def test_erasure_removes_everything_of_one_user_and_nothing_of_another(api
     alice_id, alice = await api.new_user()
     bob_id, bob = await api.new_user()
     marker = "alice-private-prompt-7d1e"
-    async with api.harness.worker():
-        alice_done = await _generate(api, alice, photo(300, 200, seed=2), prompt=marker)
-        bob_done = await _generate(api, bob, photo(310, 190, seed=3))
+    with WebhookReceiver(api.settings.webhook_secret.get_secret_value()) as receiver:
+        async with api.harness.worker():
+            alice_done = await _generate(api, alice, photo(300, 200, seed=2), prompt=marker, webhook_url=receiver.url,
+                                         webhook_events=["started", "completed"])
+            bob_done = await _generate(api, bob, photo(310, 190, seed=3), webhook_url=receiver.url)
+            await asyncio.to_thread(receiver.wait_for, lambda ds: sum(d.succeeded for d in ds) >= 3, timeout=30)
+    family = [w.id async for w in api.harness.client.list_workflows(f'RootWorkflowId="{alice_done["id"]}"')]
+    bob_family = [w.id async for w in api.harness.client.list_workflows(f'RootWorkflowId="{bob_done["id"]}"')]
+    assert len(family) == 3 and len(bob_family) == 2, (family, bob_family)  # the generation and its deliveries
     extra = await api.upload(alice, photo(150, 150, seed=4))
     blobs = api.harness.deps.blobs
     alice_keys = {r.blob_key for r in await _refs(api, user_id=alice_id)}
@@ -202,16 +209,18 @@ async def test_erasure_removes_everything_of_one_user_and_nothing_of_another(api
     assert (await api.http.delete(f"/v1/uploads/{extra}", headers=alice)).status_code == 404
     assert await _refs(api, user_id=alice_id) == []
 
-    async def history_gone() -> bool:
-        try:
-            await api.harness.client.get_workflow_handle(alice_done["id"]).describe()
-        except RPCError as err:
-            return err.status == RPCStatusCode.NOT_FOUND
-        return False
+    async def histories_gone() -> bool:
+        for workflow_id in family:
+            try:
+                await api.harness.client.get_workflow_handle(workflow_id).describe()
+                return False
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        return True
 
-    await wait_until(history_gone, timeout=120, interval=1.0)  # Temporal deletes asynchronously (~30 s)
-    assert await histories_holding(api.harness.client, [alice_done["id"], f"{alice_done['id']}-webhook"],
-                                   alice_pieces) == []
+    await wait_until(histories_gone, timeout=120, interval=1.0)  # Temporal deletes asynchronously (~30 s)
+    assert await histories_holding(api.harness.client, family, alice_pieces) == []
     # The ledger stays, with amounts and reasons and no prompt.
     entries = await credits.entries(api.harness.engine, alice_id, task_id=alice_done["id"])
     assert [(e.entry, e.amount) for e in entries] == [("charge", -10)]
@@ -222,8 +231,9 @@ async def test_erasure_removes_everything_of_one_user_and_nothing_of_another(api
     assert len(blob_store_holds(api.settings.blob_dir, bob_pieces)) == len(bob_keys)
     assert (await api.http.get(f"/v1/works/{bob_done['result']['work_id']}", headers=bob)).status_code == 200
     assert (await api.http.get(bob_done["result"]["images"][0]["url"])).status_code == 200
-    assert (await api.harness.client.get_workflow_handle(bob_done["id"]).describe()).status == \
-        WorkflowExecutionStatus.COMPLETED
+    for workflow_id in bob_family:
+        assert (await api.harness.client.get_workflow_handle(workflow_id).describe()).status == \
+            WorkflowExecutionStatus.COMPLETED
     assert (await api.http.post("/v1/admin/users/usr_nobody/erase", headers=api.admin)).status_code == 404
 
 

@@ -111,6 +111,13 @@ CANCEL_AFTER_DOC = ("a deadline for this generation: `90s`, `5m`, `1h30m` or sec
                     "ATELIER_GENERATION_DEADLINE_S (as `deadline_s` in the body; the smaller wins)")
 
 
+PREFER_HEADERS = {
+    "Preference-Applied": {"schema": {"type": "string"}, "description": "`wait=N` when the API waited (N ≤ 60)"},
+    "Location": {"schema": {"type": "string"}, "description": "the generation's URL"},
+    "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "`true` on an Idempotency-Key replay"},
+}
+
+
 def _deadline(ctx: ApiContext, body: GenerationCreate, cancel_after: str | None) -> float:
     """This generation's deadline: the smallest of the body's, the header's and the server's."""
     asked = [ctx.settings.generation_deadline_s]
@@ -135,8 +142,10 @@ async def _finished(ctx: ApiContext, request: Request, user_id: str, task_id: st
     "", status_code=202, response_model=GenerationAccepted,
     responses={**ERRORS, 400: {"model": ErrorResponse}, 402: {"model": ErrorResponse},
                409: {"model": ErrorResponse},
-               200: {"model": GenerationOut, "description": "the generation ended within `Prefer: wait=N`, or an "
-                                                           "Idempotency-Key replay of an ended generation"}},
+               200: {"model": GenerationOut, "headers": PREFER_HEADERS,
+                     "description": "the generation ended within `Prefer: wait=N`, or an Idempotency-Key replay "
+                                    "of an ended generation"},
+               202: {"headers": PREFER_HEADERS, "description": "started (or replayed) and still running"}},
     summary="Start a generation",
 )
 async def create_generation(
