@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.errors import to_application_error
 from atelier import deletion, works
@@ -92,6 +93,10 @@ class ImageActivities:
         # The generation holds its inputs until retention releases them (ATELIER_INPUT_RETENTION_HOURS).
         await deletion.record_inputs(self.engine, task_id=req.task_id, user_id=req.user_id,
                                      keys=[i.key for i in stored])
+        if not all(self.blobs.exists(i.key) for i in stored):
+            # Another holder's deletion removed identical bytes between our store and our record:
+            # retried, the activity stores them again (now held, they stay).
+            raise ApplicationError("an input was deleted while it was being stored; retrying", type="InputRaced")
         return DownloadResult(images=stored)
 
     def _stored_before(self, count: int) -> dict[int, StoredImage]:

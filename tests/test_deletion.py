@@ -282,3 +282,62 @@ async def test_the_retention_schedule_deletes_inputs_of_finished_generations_onl
             assert blobs.exists(_key(finished["result"]["images"][0]["url"]))  # outputs are the user's to keep
             await api.http.post(f"/v1/generations/{running_id}/cancel", headers=auth)
             await api.poll(auth, running_id, until={"canceled"})
+
+
+class _RacingBlobs:
+    """A blob store whose first put is followed at once by another holder's deletion of the same
+    bytes (the window between storing a blob and recording its holder)."""
+
+    def __init__(self, blobs) -> None:
+        self._blobs, self.raced = blobs, 0
+
+    def __getattr__(self, name):
+        return getattr(self._blobs, name)
+
+    async def put(self, data: bytes, content_type: str) -> str:
+        key = await self._blobs.put(data, content_type)
+        if not self.raced:
+            self.raced += 1
+            await self._blobs.delete(key)
+        return key
+
+
+async def test_an_upload_racing_a_deletion_of_the_same_bytes_keeps_its_blob(harness):
+    import httpx
+
+    from starter.api import create_app
+
+    racing = _RacingBlobs(harness.deps.blobs)
+    app = create_app(harness.settings, client=harness.client, engine=harness.engine, blobs=racing)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://testserver") as http:
+        admin = {"Authorization": "Bearer admin-test-token"}
+        user = (await http.post("/v1/admin/users", headers=admin)).json()
+        auth = {"Authorization": f"Bearer {user['api_key']}"}
+        uploaded = await http.post("/v1/uploads", headers=auth, files={"file": ("a.jpg", photo(90, 60, 9), "image/jpeg")})
+        assert uploaded.status_code == 201, uploaded.text
+    assert racing.raced == 1
+    [ref] = [r for r in await _refs_of(harness, uploaded.json()["file_id"])]
+    assert harness.deps.blobs.exists(ref.blob_key)
+
+
+async def _refs_of(harness, owner_id: str) -> list:
+    async with reading(harness.engine) as conn:
+        return list((await conn.execute(select(blob_refs).where(blob_refs.c.owner_id == owner_id))).all())
+
+
+async def test_a_downloaded_input_racing_a_deletion_of_the_same_bytes_is_stored_again(harness):
+    from atelier.messages import ImageInput
+    from tests.fakes.http_server import FakeHttpServer
+
+    user = await harness.user(50)
+    racing = _RacingBlobs(harness.deps.blobs)
+    harness.deps.blobs = racing  # the worker's download_and_convert stores through it
+    with FakeHttpServer() as host:
+        host.route("/me.jpg", body=photo(140, 100, 11), headers={"Content-Type": "image/jpeg"})
+        async with harness.worker():
+            handle = await harness.start(user, "photography", [ImageInput(url=host.url("/me.jpg"))])
+            result = await handle.result()
+        assert host.hits("/me.jpg") == 2  # the raced attempt, then the retry that stored it again
+    assert result.status == "completed" and racing.raced == 1
+    [ref] = [r for r in await _refs_of(harness, handle.id) if r.kind == "input"]
+    assert racing.exists(ref.blob_key)

@@ -58,6 +58,11 @@ async def upload(
     except BadImage as err:
         raise ApiError(422, err.code, err.message) from None
     file_id = await works.record_upload(ctx.engine, user_id=user_id, image=image)
+    if not ctx.blobs.exists(image.key):
+        # Identical bytes of another holder were deleted between our store and our record: now that
+        # the upload holds them, store them again (the same bytes give the same key).
+        await store_image(ctx.blobs, data, max_side=ctx.settings.max_image_side,
+                          max_pixels=ctx.settings.max_image_pixels)
     return {"file_id": file_id, "content_type": image.content_type, "width": image.width,
             "height": image.height, "size": image.size}
 
