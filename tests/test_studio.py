@@ -173,7 +173,7 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     await shoot(page, "07-works")
     await card.locator("a").click()
     await page.wait_for_url(re.compile(r"#/works/"))
-    assert "front page" in await page.inner_text("h1")
+    assert "front page" in await page.inner_text(".prompt-text")
     shown = await result_image(page)
     assert shown["naturalWidth"] > 0
     assert await page.locator(".work-detail a[download]").get_attribute("href")
@@ -364,6 +364,12 @@ async def test_phone_layout_has_no_horizontal_scroll(studio_factory):
         await no_horizontal_scroll(page, nav)
         await accessible(page, nav)
         await shoot(page, name)
+        if nav == "works":
+            await page.locator(".work-card a").first.click()
+            await result_image(page)
+            await no_horizontal_scroll(page, "work")
+            await accessible(page, "work")
+            await shoot(page, "07-work")
 
 
 async def test_operator_token_creates_a_user_and_links_to_the_temporal_ui(studio_factory):
