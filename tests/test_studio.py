@@ -133,12 +133,15 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     await page.wait_for_url(re.compile(r"#/g/"))
     task_id = watched_id(page)
     await page.wait_for_selector(".stage-name:has-text('Creating your image')", timeout=30_000)
+    assert await page.inner_text(".connection") == "Live"
     await shoot(page, "05-watch")
     steps = await steps_until_done(page)
     # The progress moved through at least three stages a person can read.
     assert len(set(steps)) >= 3, steps
     assert steps[-1] == "Ready"
-    assert "Creating your image" in steps
+    # The stream misses no stage: each one the workflow went through, in its order.
+    assert [s for s in steps if s in ("Reserving your credits", "Creating your image", "Saving your picture")] == [
+        "Reserving your credits", "Creating your image", "Saving your picture"], steps
 
     shown = await result_image(page)
     assert shown["naturalWidth"] > 0
@@ -160,8 +163,13 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     assert len(posts) == 1
     assert (await posts[0].all_headers()).get("idempotency-key", "").startswith("studio-")
     assert not [r.url for r in requests if key in r.url]
-    if studio.offers("get", EVENTS_ROUTE):
-        assert [r for r in requests if "/events" in r.url], "the studio did not use the progress stream"
+    # The progress came through the API's stream (Server-Sent Events), not by polling.
+    assert studio.offers("get", EVENTS_ROUTE)
+    streams = [r for r in requests if r.url.endswith(f"/v1/generations/{task_id}/events")]
+    assert streams, "the studio did not use the progress stream"
+    assert (await streams[0].all_headers()).get("authorization") == f"Bearer {key}"
+    assert not [r for r in requests if r.method == "GET" and r.url.endswith(f"/v1/generations/{task_id}")][2:], \
+        "the studio polled although the stream was there"
 
     # The work is in the gallery with its prompt, and the ledger shows the charge.
     await page.click(".nav a[data-nav='works']")
@@ -198,9 +206,13 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
 
 
 async def test_fitting_by_drag_and_drop_with_a_refused_file(studio_factory):
-    studio: Studio = await studio_factory()
+    """Also the fallbacks: a server without signed links (images fetched with the key) and a
+    stream that answers 404 (as before it existed: the studio asks every second)."""
+    studio: Studio = await studio_factory(url_signing_secret=None)
     _, key = await studio.new_user(credits_=40)
     page = await studio.page()
+    await page.route("**/events", lambda route: route.fulfill(status=404, content_type="application/json",
+                                                              body='{"error":{"code":"NotFound","message":"no"}}'))
     uploads: list = []
     page.on("request", lambda r: uploads.append(r) if r.url.endswith("/v1/uploads") else None)
     await signed_in(page, key)
@@ -239,12 +251,16 @@ async def test_fitting_by_drag_and_drop_with_a_refused_file(studio_factory):
     await page.click("button[type=submit]")
     await page.wait_for_url(re.compile(r"#/g/"))
     task_id = watched_id(page)
+    await page.wait_for_selector(".connection:has-text('Checking every second')")
     steps = await steps_until_done(page)
     assert steps[-1] == "Ready", steps
     shown = await result_image(page)
     assert shown["naturalWidth"] > 0
     generation = await studio.generation(key, task_id)
     assert generation["kind"] == "fitting" and generation["status"] == "completed"
+    # An unsigned link needs the key: fetched with it into an object URL.
+    assert "/v1/files/" in generation["result"]["images"][0]["url"]
+    assert shown["source"] == "fetched" and shown["src"].startswith("blob:")
     assert len(uploads) == 2
 
 

@@ -100,7 +100,7 @@ async function stream(id, state, onUpdate, signal) {
           if (event.id !== null) lastId = event.id;
           let data;
           try { data = JSON.parse(event.data); } catch { continue; }
-          state.current = merge(state.current, data);
+          state.current = { ...merge(state.current, data), connection: "live" };
           onUpdate(state.current);
           if (TERMINAL.has(state.current.status)) {
             // The final event carries the whole object; fetch it where it did not.
