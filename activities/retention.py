@@ -39,21 +39,31 @@ class RetentionActivities:
             return None
         return desc.close_time or _LONG_AGO
 
-    @activity.defn
-    async def clean_inputs(self, req: RetentionRequest) -> RetentionResult:
-        cutoff = datetime.now(timezone.utc) - self.retention
-        candidates = await deletion.input_tasks_before(self.engine, cutoff, limit=req.batch)
+    async def _ended_before(self, task_ids: list[str], cutoff: datetime) -> list[str]:
         ended = []
-        for task_id in candidates:
+        for task_id in task_ids:
             activity.heartbeat(task_id)
             ended_at = await self._ended_at(task_id)
             if ended_at is not None and ended_at < cutoff:
                 ended.append(task_id)
+        return ended
+
+    @activity.defn
+    async def clean_inputs(self, req: RetentionRequest) -> RetentionResult:
+        cutoff = datetime.now(timezone.utc) - self.retention
+        candidates = await deletion.input_tasks_before(self.engine, cutoff, limit=req.batch)
+        ended = await self._ended_before(candidates, cutoff)
         deleted = await deletion.release_inputs(self.engine, self.blobs, ended)
+        # Outputs of generations whose work a late refund withdrew: nobody's to keep.
+        withdrawn = await deletion.withdrawn_output_tasks_before(self.engine, cutoff, limit=req.batch)
+        deleted += await deletion.release_outputs(self.engine, self.blobs,
+                                                  await self._ended_before(withdrawn, cutoff))
         uploads, deleted_uploads = await deletion.expire_uploads(self.engine, self.blobs, cutoff, limit=req.batch)
-        activity.logger.info("retention: %d generation(s) released their inputs, %d upload(s) expired, "
-                             "%d blob(s) deleted", len(ended), uploads, len(deleted) + len(deleted_uploads))
+        deleted += deleted_uploads
+        activity.logger.info("retention: %d generation(s) released their inputs, %d withdrawn output set(s), "
+                             "%d upload(s) expired, %d blob(s) deleted", len(ended), len(withdrawn), uploads,
+                             len(deleted))
         return RetentionResult(
-            generations_released=len(ended), uploads_deleted=uploads, blobs_deleted=len(deleted) + len(deleted_uploads),
+            generations_released=len(ended), uploads_deleted=uploads, blobs_deleted=len(deleted),
             more=(len(candidates) == req.batch and bool(ended)) or uploads == req.batch,
         )

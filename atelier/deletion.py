@@ -141,6 +141,31 @@ async def input_tasks_before(engine: AsyncEngine, cutoff: datetime, *, limit: in
         return [r.owner_id for r in rows]
 
 
+async def withdrawn_output_tasks_before(engine: AsyncEngine, cutoff: datetime, *, limit: int) -> list[str]:
+    """Generations holding outputs recorded before `cutoff` with no work any more (a refund that
+    came after the save withdrew it): those outputs are nobody's to keep."""
+    no_work = ~exists().where(works.c.task_id == blob_refs.c.owner_id)
+    async with reading(engine) as conn:
+        rows = await conn.execute(
+            select(blob_refs.c.owner_id).where(blob_refs.c.kind == OUTPUT, blob_refs.c.created_at < cutoff, no_work)
+            .group_by(blob_refs.c.owner_id).limit(limit))
+        return [r.owner_id for r in rows]
+
+
+async def release_outputs(engine: AsyncEngine, blobs: BlobStore, task_ids: list[str]) -> list[str]:
+    """Drop the outputs these generations hold (and their owners' right to read them); returns
+    the blobs deleted."""
+    if not task_ids:
+        return []
+    async with engine.begin() as conn:
+        held = and_(blob_refs.c.kind == OUTPUT, blob_refs.c.owner_id.in_(task_ids))
+        rows = (await conn.execute(select(blob_refs.c.blob_key, blob_refs.c.user_id).where(held))).all()
+        await conn.execute(delete(blob_refs).where(held))
+        for user_id in {r.user_id for r in rows}:
+            await _drop_output_files(conn, user_id, [r.blob_key for r in rows if r.user_id == user_id])
+    return await collect(engine, blobs, [r.blob_key for r in rows])
+
+
 async def expire_uploads(engine: AsyncEngine, blobs: BlobStore, cutoff: datetime, *, limit: int) -> tuple[int, list[str]]:
     """Delete uploads made before `cutoff` that no generation holds as an input any more.
     Returns (uploads deleted, blobs deleted)."""

@@ -244,6 +244,11 @@ async def test_the_retention_schedule_deletes_inputs_of_finished_generations_onl
         _, auth = await api.new_user()
         async with harness.worker():
             finished = await _generate(api, auth, jpeg(280, 180))
+            withdrawn = await _generate(api, auth, photo(200, 150, seed=21))
+        # A refund after the save withdraws the work (the ledger's rule): its outputs are nobody's.
+        [withdrawn_output] = await _refs(api, kind="output", owner_id=withdrawn["id"])
+        await credits.refund(harness.engine, task_id=withdrawn["id"], user_id=withdrawn_output.user_id)
+        assert (await api.http.get(f"/v1/works/{withdrawn['result']['work_id']}", headers=auth)).status_code == 404
         async with harness.worker(only="main"):  # no AI worker: the next generation stays running
             running_file = await api.upload(auth, jpeg(260, 170))
             started = await api.http.post("/v1/generations", headers=auth, json={
@@ -274,12 +279,14 @@ async def test_the_retention_schedule_deletes_inputs_of_finished_generations_onl
                 await schedule.delete()
 
             blobs = harness.deps.blobs
-            assert result.generations_released == 1 and result.uploads_deleted >= 2
+            assert result.generations_released == 2 and result.uploads_deleted >= 3
             assert not blobs.exists(finished_input.blob_key)
             assert not blobs.exists(unused_ref.blob_key)
             assert blobs.exists(running_input.blob_key)  # its generation is still running
             assert await _refs(api, kind="input", owner_id=running_id)
             assert blobs.exists(_key(finished["result"]["images"][0]["url"]))  # outputs are the user's to keep
+            assert not blobs.exists(withdrawn_output.blob_key)
+            assert await _refs(api, owner_id=withdrawn["id"]) == []
             await api.http.post(f"/v1/generations/{running_id}/cancel", headers=auth)
             await api.poll(auth, running_id, until={"canceled"})
 
