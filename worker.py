@@ -33,6 +33,7 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
 )
+from temporalio.service import RPCError
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 from activities.admission import AdmissionActivities
@@ -199,9 +200,13 @@ async def run(only: str) -> None:
     client = await connect(settings)
     workers = build_workers(client, deps, only=only)
     if only in ("all", "main"):
-        log.info("retention schedule %s: every %.0f s, inputs kept %.1f h after their generation",
-                 await ensure_retention_schedule(client, settings), settings.retention_interval_s,
-                 settings.input_retention_hours)
+        try:
+            log.info("retention schedule %s: every %.0f s, inputs kept %.1f h after their generation",
+                     await ensure_retention_schedule(client, settings), settings.retention_interval_s,
+                     settings.input_retention_hours)
+        except RPCError as err:
+            # The worker still serves generations; the next worker start tries again.
+            log.error("retention schedule not created or updated (inputs are not being deleted): %s", err)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

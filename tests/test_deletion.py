@@ -348,3 +348,35 @@ async def test_a_downloaded_input_racing_a_deletion_of_the_same_bytes_is_stored_
     assert result.status == "completed" and racing.raced == 1
     [ref] = [r for r in await _refs_of(harness, handle.id) if r.kind == "input"]
     assert racing.exists(ref.blob_key)
+
+
+async def test_the_migration_records_existing_uploads_and_works_as_holders(tmp_path):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from atelier import migrate
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/old.db"
+    await asyncio.to_thread(migrate.upgrade, url, "0002_max_priority")
+    now = datetime.now(timezone.utc)
+    up, out1, out2 = "a" * 64 + ".jpg", "b" * 64 + ".png", "c" * 64 + ".jpg"
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO users (id, balance, created_at) VALUES ('usr_1', 0, :t)"), {"t": now})
+            await conn.execute(text(
+                "INSERT INTO files (id, user_id, blob_key, content_type, width, height, size, origin, created_at) "
+                "VALUES ('fil_1', 'usr_1', :k, 'image/jpeg', 1, 1, 1, 'upload', :t)"), {"k": up, "t": now})
+            await conn.execute(text(
+                "INSERT INTO works (id, task_id, user_id, kind, model, prompt, images, created_at) "
+                "VALUES ('wrk_1', 'gen_1', 'usr_1', 'photography', 'm', '', :images, :t)"),
+                {"images": json.dumps([{"key": out1}, {"key": out2}, {"key": out1}]), "t": now})
+        await asyncio.to_thread(migrate.upgrade, url)
+        async with engine.connect() as conn:
+            rows = {(r.blob_key, r.user_id, r.kind, r.owner_id) for r in await conn.execute(select(blob_refs))}
+    finally:
+        await engine.dispose()
+    assert rows == {(up, "usr_1", "upload", "fil_1"), (out1, "usr_1", "output", "gen_1"),
+                    (out2, "usr_1", "output", "gen_1")}

@@ -39,12 +39,18 @@ def upgrade() -> None:
     op.create_index(op.f("ix_blob_refs_kind_owner"), "blob_refs", ["kind", "owner_id"])
     op.create_index(op.f("ix_blob_refs_kind_created"), "blob_refs", ["kind", "created_at"])
 
+    # Typed views of the old tables, so every backend hands back datetimes and JSON as such.
+    files = sa.table("files", sa.column("id", sa.String), sa.column("user_id", sa.String),
+                     sa.column("blob_key", sa.String), sa.column("origin", sa.String),
+                     sa.column("created_at", sa.DateTime(timezone=True)))
+    works = sa.table("works", sa.column("task_id", sa.String), sa.column("user_id", sa.String),
+                     sa.column("images", sa.JSON), sa.column("created_at", sa.DateTime(timezone=True)))
     bind = op.get_bind()
     rows = [
         {"blob_key": r.blob_key, "user_id": r.user_id, "kind": "upload", "owner_id": r.id, "created_at": r.created_at}
-        for r in bind.execute(sa.text("SELECT id, user_id, blob_key, created_at FROM files WHERE origin = 'upload'"))
+        for r in bind.execute(sa.select(files).where(files.c.origin == "upload"))
     ]
-    for r in bind.execute(sa.text("SELECT task_id, user_id, images, created_at FROM works")):
+    for r in bind.execute(sa.select(works)):
         images = r.images if isinstance(r.images, list) else json.loads(r.images or "[]")
         for key in dict.fromkeys(i["key"] for i in images):
             rows.append({"blob_key": key, "user_id": r.user_id, "kind": "output", "owner_id": r.task_id,
