@@ -481,8 +481,9 @@ class AdmissionState:
     aging_s: float = 120.0
     # How often holders are checked for a closed generation workflow.
     check_every_s: float = 30.0
-    # Continue-as-new past this many history events (0: when the server suggests it).
-    max_history_events: int = 0
+    # Continue-as-new past this many history events, or when the server suggests it (0: only
+    # then). Kept small: a history replayed after an eviction must replay quickly.
+    max_history_events: int = 2000
     # Counters for metrics and tests.
     granted: int = 0
     busy: int = 0

@@ -25,11 +25,16 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from bench.common import TEMPORAL_BIN, console, parser, print_table, resolve_paths, run_main, write_result
 
+ONE_PARTITION = ["matching.numTaskqueueReadPartitions=1", "matching.numTaskqueueWritePartitions=1"]
 ARMS = {
     "default": [],
     "enableFairness": ["matching.enableFairness=true"],
     "autoEnableV2": ["matching.autoEnableV2=true"],
     "useNewMatcher": ["matching.useNewMatcher=true"],
+    # The dev server splits a task queue into 4 partitions, each matched on its own: with one,
+    # the order the matcher chose is the order the worker sees.
+    "default, 1 partition": ONE_PARTITION,
+    "enableFairness, 1 partition": ["matching.enableFairness=true", *ONE_PARTITION],
 }
 LIGHT_USERS = ["ann", "ben", "cat", "dan"]
 

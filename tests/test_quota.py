@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from atelier.messages import GenerationResult, ImageInput, Stage, admission_workflow_id
 from starter.service import read_generation
@@ -16,6 +22,7 @@ from tests.fakes.gemini_server import FakeGemini, Reply
 from workflows.admission import ModelAdmissionWorkflow
 
 MODEL = "quota-image-model"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def catalogue(tmp_path, **quota) -> str:
@@ -114,3 +121,46 @@ async def _waiting_at_least(h, n: int) -> bool:
         return (await admission_status(h)).waiting >= n
     except Exception:  # noqa: BLE001 - the admission workflow is not up yet
         return False
+
+
+@pytest.mark.timeout(300)
+async def test_a_worker_killed_holding_slots_gives_them_back_and_the_quota_holds(harness_factory, tmp_path,
+                                                                                 temporal_address):
+    n = 2
+    async with FakeGemini(api_key="test-key") as fake:
+        # Calls shorter than the heartbeat timeout: a killed worker's calls end at the provider
+        # before their retries can start, as a real provider's would be counted.
+        fake.set_quota(max_in_flight=n, call_s=1.5)
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=n)
+        users = [await h.user(100) for _ in range(3)]
+        images = {u: await photo(h, u) for u in users}
+        env = h.process_env(temporal_address, ATELIER_AI_PROVIDER="gemini", GEMINI_API_KEY="test-key",
+                            GEMINI_BASE_URL=fake.url, ATELIER_MODEL_CATALOGUE=h.settings.model_catalogue.as_posix())
+        first = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env, start_new_session=True,
+                                 stdout=open(tmp_path / "worker1.log", "wb"), stderr=subprocess.STDOUT)
+        second = None
+        try:
+            handles = [await h.start(users[i % 3], "photography", images[users[i % 3]]) for i in range(6)]
+            await wait_for(lambda: _in_flight_at_provider(fake, n), timeout=60)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env, start_new_session=True,
+                                      stdout=open(tmp_path / "worker2.log", "wb"), stderr=subprocess.STDOUT)
+            results = await asyncio.wait_for(asyncio.gather(*(x.result() for x in handles)), 240)
+            status = await admission_status(h)
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+        stats = fake.quota_stats()
+    assert [r.status for r in results] == ["completed"] * 6
+    assert any(a.outcome == "timed_out" for r in results for a in r.attempts)  # the killed calls
+    assert stats.max_in_flight_seen <= n and stats.busy_answers == 0
+    assert status.in_flight == 0 and status.waiting == 0
+    for handle in handles:
+        assert await h.ledger(handle.id) == (10, 0)
+
+
+async def _in_flight_at_provider(fake: FakeGemini, n: int) -> bool:
+    return fake.quota_stats().in_flight >= n

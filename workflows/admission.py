@@ -37,9 +37,11 @@ with workflow.unsafe.imports_passed_through():
 # Signals a generation workflow receives from here.
 SIGNAL_GRANTED = "slot_granted"
 SIGNAL_QUEUE_UPDATE = "queue_update"
-# Outgoing signals in flight at most before position updates are skipped (the server bounds
-# pending signals per workflow; grants must never be the ones refused).
-MAX_PENDING_UPDATES = 500
+# A new arrival is told its place only while the line is this short and fewer than this many
+# signals are on their way: in a long burst each update is one more signal and one more task of
+# the generation, for a number that is stale at once (the API asks the live one).
+MAX_LINE_FOR_UPDATES = 100
+MAX_PENDING_UPDATES = 100
 # At most this many generations are described per holder check.
 CHECK_BATCH = 200
 
@@ -47,7 +49,10 @@ CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interva
                           maximum_attempts=3)
 
 
-@workflow.defn(name=ADMISSION_WORKFLOW_TYPE)
+# Unsandboxed: one workflow takes every generation's signals for its model, and a burst brings
+# hundreds in one activation; the sandbox's per-signal cost made such an activation overrun the
+# deadlock detector (2 s) on a loaded machine. Its code imports only deterministic modules.
+@workflow.defn(name=ADMISSION_WORKFLOW_TYPE, sandboxed=False)
 class ModelAdmissionWorkflow:
     @workflow.init
     def __init__(self, state: AdmissionState) -> None:
@@ -132,7 +137,7 @@ class ModelAdmissionWorkflow:
     def _tell_new_positions(self, now: float) -> None:
         new, self._new = self._new, []
         waiting = [r for r in new if self._admission.is_waiting(r.ticket)]
-        if not waiting:
+        if not waiting or len(self._admission.waiting()) > MAX_LINE_FOR_UPDATES:
             return
         order = {r.ticket: i for i, r in enumerate(self._admission.order(now), start=1)}
         for req in waiting:

@@ -595,14 +595,16 @@ class GenerationWorkflow:
             s.since = workflow.now().timestamp()
         self._stage(Stage.WAITING_FOR_MODEL)
         try:
-            answer = await workflow.execute_activity_method(
+            # A local activity: one marker in this history, no trip through a task queue.
+            answer = await workflow.execute_local_activity_method(
                 AdmissionActivities.request_slot,
                 SlotRequest(ticket=ticket, task_id=req.task_id, user_id=req.user_id, priority=req.priority,
                             model=choice.model, enqueued_at=s.since, max_concurrent=choice.max_concurrent,
                             per_minute=choice.per_minute,
                             # The slot is held for one attempt: its wait for a worker, then its run.
                             lease_s=t.ai_schedule_to_start_s + t.ai_start_to_close_s + 60),
-                start_to_close_timeout=seconds(t.short_start_to_close_s),
+                # Generous: a busy server takes a while to deliver a signal, and a retry sends another.
+                start_to_close_timeout=seconds(max(60.0, t.short_start_to_close_s)),
                 retry_policy=policies.ADMISSION_RETRY,
                 summary=f"Wait in line for a slot of {choice.model}",
             )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import secrets
 import shutil
@@ -53,6 +54,10 @@ COSTS = {"photography": 10, "fitting": 15}
 IMAGE_COUNTS = {"photography": (1, 2), "fitting": (2, 3)}
 URL_IMAGES = ["/in/a.jpg", "/in/b.png", "/in/c.jpg"]
 HOLD_IMAGE = "/in/held.jpg"
+QUOTA_MODELS = ("gemini-2.5-flash-image", "gemini-3-pro-image-preview")
+# Quota phase: no hanging or slow replies. A call the system gave up on (timed out) would go on
+# holding the fake's place, which no real quota counts for ever.
+QUOTA_WEIGHTS = {name: weight for name, weight in DEFAULT_WEIGHTS.items() if name not in ("hang", "slow")}
 
 
 @dataclass
@@ -92,6 +97,10 @@ class ChaosConfig:
     keep_work_dir: bool = False
     # How long past a generation's deadline the run waits before calling it stuck.
     stuck_grace_s: float = 60.0
+    # Quota phase: each catalogue model declares max_concurrent=quota, and the fake provider
+    # serves at most that many calls per model at once (2 x quota in all), answering 429 beyond.
+    # None: no quota (the models' limits are learned from 429s).
+    quota: int | None = None
 
 
 @dataclass
@@ -138,6 +147,9 @@ class ChaosReport:
     histories_replayed: int = 0
     webhooks_asked: int = 0
     webhooks_delivered: int = 0
+    # Quota phase: the most calls the provider saw at once, and the 429s its quota answered.
+    provider_max_in_flight: int = 0
+    provider_quota_429s: int = 0
     violations: list[dict] = field(default_factory=list)
     work_dir: str = ""
     # One line per submission: index, user, kind, task id, how the API answered, how it ended.
@@ -204,6 +216,7 @@ class ChaosRun:
             ATELIER_AI_SCHEDULE_TO_START_S=c.ai_schedule_to_start_s,
             ATELIER_GENERATION_DEADLINE_S=c.deadline_s,
             ATELIER_MAX_CACHED_WORKFLOWS="100",
+            **({"ATELIER_MODEL_CATALOGUE": str(self.catalogue)} if self.catalogue else {}),
             **extra,
         )
 
@@ -214,6 +227,14 @@ class ChaosRun:
         await engine.dispose()
 
         self.gemini = ChaosGemini(seed=c.seed, api_key=self.secrets["gemini_key"], weights=c.weights)
+        self.catalogue: Path | None = None
+        if c.quota is not None:
+            # Both default Gemini models, each with the quota declared: fallback still has somewhere to go.
+            self.catalogue = self.work_dir / "models.json"
+            self.catalogue.write_text(json.dumps({"models": [
+                {"name": name, "provider": "gemini", "priority": rank, "cost": 1, "max_concurrent": c.quota}
+                for rank, name in enumerate(QUOTA_MODELS, start=1)]}))
+            self.gemini.set_quota(max_in_flight=len(QUOTA_MODELS) * c.quota, retry_after="1")
         self.gemini.start()
         stack.callback(self.gemini.stop)
         self.images = FakeHttpServer().start()
@@ -569,6 +590,12 @@ class ChaosRun:
         report.api_answers = dict(sorted(self.api_answers.items()))
         report.webhooks_asked = sum(1 for s in accepted if s.webhook)
         report.webhooks_delivered = getattr(self, "webhooks_delivered", 0)
+        quota = self.gemini.quota_stats()
+        report.provider_max_in_flight, report.provider_quota_429s = quota.max_in_flight_seen, quota.busy_answers
+        if c.quota is not None and quota.max_in_flight_seen > len(QUOTA_MODELS) * c.quota:
+            self.violations.append(Violation(
+                "quota_exceeded", None, f"the provider saw {quota.max_in_flight_seen} calls at once; the quota "
+                                        f"allows {len(QUOTA_MODELS) * c.quota} ({c.quota} per model)"))
         report.violations = [v.to_dict() for v in self.violations]
         report.generations = [
             {"index": s.index, "user": s.user, "kind": s.kind, "task_id": s.task_id, "outcome": s.outcome,
@@ -596,4 +623,4 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
     return await ChaosRun(config).run()
 
 
-__all__ = ["ChaosConfig", "ChaosReport", "ChaosRun", "FAULT_KINDS", "run_chaos"]
+__all__ = ["ChaosConfig", "ChaosReport", "ChaosRun", "FAULT_KINDS", "QUOTA_WEIGHTS", "run_chaos"]
