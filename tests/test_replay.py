@@ -40,8 +40,9 @@ def load(name: str) -> WorkflowHistory:
 
 # The waiting path of model admission (recorded by test_record_admission_histories): a generation
 # that waited in line, one that waited out 429s, one canceled in line, and the admission workflow.
-ADMISSION_HISTORIES = ["admission/waited_in_line", "admission/busy_then_ok", "admission/canceled_in_line",
-                       "admission/admission_workflow"]
+# admission/ before the model-admission-local-request patch, admission/local/ after it.
+ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local")
+                       for name in ("waited_in_line", "busy_then_ok", "canceled_in_line", "admission_workflow")]
 
 
 def test_admission_histories_are_recorded():
@@ -165,8 +166,8 @@ async def test_record_admission_histories(harness_factory, tmp_path):
 
     from atelier.messages import admission_workflow_id
 
-    folder = HISTORIES / "admission"
-    folder.mkdir(exist_ok=True)
+    folder = HISTORIES / "admission" / "local"
+    folder.mkdir(parents=True, exist_ok=True)
 
     async def save(handle, name):
         (folder / f"{name}.json").write_text((await handle.fetch_history()).to_json())

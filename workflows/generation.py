@@ -112,6 +112,8 @@ PATCH_EXPLICIT_DEADLINE = "explicit-deadline"
 PATCH_AI_ATTEMPTS = "ai-attempts-in-workflow"
 # A generation waits for a slot of its model's quota before each AI attempt.
 PATCH_MODEL_ADMISSION = "model-admission"
+# Joining a model's line is a local activity (it was a regular one).
+PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
@@ -595,19 +597,24 @@ class GenerationWorkflow:
             s.since = workflow.now().timestamp()
         self._stage(Stage.WAITING_FOR_MODEL)
         try:
-            # A local activity: one marker in this history, no trip through a task queue.
-            answer = await workflow.execute_local_activity_method(
-                AdmissionActivities.request_slot,
-                SlotRequest(ticket=ticket, task_id=req.task_id, user_id=req.user_id, priority=req.priority,
-                            model=choice.model, enqueued_at=s.since, max_concurrent=choice.max_concurrent,
-                            per_minute=choice.per_minute,
-                            # The slot is held for one attempt: its wait for a worker, then its run.
-                            lease_s=t.ai_schedule_to_start_s + t.ai_start_to_close_s + 60),
-                # Generous: a busy server takes a while to deliver a signal, and a retry sends another.
-                start_to_close_timeout=seconds(max(60.0, t.short_start_to_close_s)),
-                retry_policy=policies.ADMISSION_RETRY,
-                summary=f"Wait in line for a slot of {choice.model}",
-            )
+            request = SlotRequest(ticket=ticket, task_id=req.task_id, user_id=req.user_id, priority=req.priority,
+                                  model=choice.model, enqueued_at=s.since, max_concurrent=choice.max_concurrent,
+                                  per_minute=choice.per_minute,
+                                  # The slot is held for one attempt: its wait for a worker, then its run.
+                                  lease_s=t.ai_schedule_to_start_s + t.ai_start_to_close_s + 60)
+            summary = f"Wait in line for a slot of {choice.model}"
+            if workflow.patched(PATCH_LOCAL_SLOT_REQUEST):
+                # A local activity: one marker in this history, no trip through a task queue.
+                # Generous timeout: a busy server takes a while to deliver a signal, and a retry sends another.
+                answer = await workflow.execute_local_activity_method(
+                    AdmissionActivities.request_slot, request,
+                    start_to_close_timeout=seconds(max(60.0, t.short_start_to_close_s)),
+                    retry_policy=policies.ADMISSION_RETRY, summary=summary)
+            else:
+                answer = await workflow.execute_activity_method(
+                    AdmissionActivities.request_slot, request,
+                    start_to_close_timeout=seconds(t.short_start_to_close_s),
+                    retry_policy=policies.ADMISSION_RETRY, summary=summary)
             s.admission_ids[choice.model] = answer.workflow_id
             await workflow.wait_condition(lambda: s.granted)
         except (Exception, asyncio.CancelledError):  # not GeneratorExit: a cache eviction is no cancel
