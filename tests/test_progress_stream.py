@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from temporalio.api.enums.v1 import EventType
 
 from tests.api_fixtures import uvicorn_process
 from tests.fakes.images import jpeg
@@ -134,6 +135,10 @@ async def test_a_stream_waits_without_a_worker_then_sees_every_change_once_and_t
     assert len(runs) == len(set(runs)), runs  # each stage once, in one stretch
     assert {"charging", "downloading", "generating", "saving"} <= set(runs), runs
     assert all(data["id"] == task_id and data["status"] in ("queued", "running") for _, _, data in progress)
+    # Watching wrote nothing into the generation's history (a query, not an update).
+    history = await harness.client.get_workflow_handle(task_id).fetch_history()
+    kinds = {EventType.Name(e.event_type) for e in history.events}
+    assert not any("UPDATE" in k for k in kinds), kinds
     # The final event is the generation object GET answers.
     got = (await http.get(f"/v1/generations/{task_id}", headers=auth)).json()
     assert _without_links(final) == _without_links(got)
