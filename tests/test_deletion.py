@@ -380,3 +380,31 @@ async def test_the_migration_records_existing_uploads_and_works_as_holders(tmp_p
         await engine.dispose()
     assert rows == {(up, "usr_1", "upload", "fil_1"), (out1, "usr_1", "output", "gen_1"),
                     (out2, "usr_1", "output", "gen_1")}
+
+
+async def test_erasing_a_user_cancels_their_running_generation_with_a_refund_and_leaves_others_running(api: Api):
+    alice_id, alice = await api.new_user()
+    _, bob = await api.new_user()
+    blobs = api.harness.deps.blobs
+    async with api.harness.worker(only="main"):  # no AI worker: both generations stay running
+        ids = {}
+        for name, auth, seed in (("alice", alice, 31), ("bob", bob, 32)):
+            file_id = await api.upload(auth, photo(200, 140, seed=seed))
+            started = await api.http.post("/v1/generations", headers=auth, json={
+                "kind": "photography", "images": [{"file_id": file_id}]})
+            ids[name] = started.json()["id"]
+            await api.poll(auth, ids[name], until={"running"})
+            await wait_until(lambda: _refs(api, kind="input", owner_id=ids[name]), timeout=30)
+        [alice_input] = await _refs(api, kind="input", owner_id=ids["alice"])
+        [bob_input] = await _refs(api, kind="input", owner_id=ids["bob"])
+
+        erased = await api.http.post(f"/v1/admin/users/{alice_id}/erase", headers=api.admin)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["generations_canceled"] == 1 and erased.json()["still_running"] == 0
+
+        assert await api.harness.ledger(ids["alice"]) == (10, 10)  # every credit back
+        assert not blobs.exists(alice_input.blob_key)
+        assert (await api.http.get(f"/v1/generations/{ids['bob']}", headers=bob)).json()["status"] == "running"
+        assert blobs.exists(bob_input.blob_key)
+        await api.http.post(f"/v1/generations/{ids['bob']}/cancel", headers=bob)
+        await api.poll(bob, ids["bob"], until={"canceled"})
