@@ -29,6 +29,9 @@ EXPECTED = {
     "history": {"cases", "largest_history_bytes", "goal_met"},
     "submit": {"closed_loop", "open_loop", "saturation_rps", "goals_met", "chart"},
     "local_provider": {"arms", "cpu_ms_per_generation", "cpu_ratio_before_over_now", "goal_met"},
+    "quota": {"total_vs_ideal", "utilisation_while_backlog", "jain_users_mean_wait", "provider_max_in_flight",
+              "handoff_s", "goal_met", "chart"},
+    "fairness_keys": {"default", "enableFairness"},
 }
 TIMEOUT_S = 150
 
@@ -41,7 +44,7 @@ def runs(tmp_path_factory):
     started = {}
     for name in EXPECTED:
         cmd = [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out / f"{name}.json")]
-        if name in ("submit", "concurrency"):
+        if name in ("submit", "concurrency", "quota"):
             cmd += ["--chart", str(out / f"{name}.png")]
         log = open(out / f"{name}.log", "wb")  # noqa: SIM115 - closed below
         started[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
