@@ -150,6 +150,8 @@ class Studio:
     http: httpx.AsyncClient
     browser: object
     contexts: list = field(default_factory=list)
+    # Uncaught script errors and Content-Security-Policy violations: every test ends with none.
+    script_errors: list = field(default_factory=list)
 
     @property
     def admin_token(self) -> str:
@@ -173,6 +175,9 @@ class Studio:
         self.contexts.append(context)
         page = await context.new_page()
         page.set_default_timeout(20_000)
+        page.on("pageerror", lambda error: self.script_errors.append(f"uncaught: {error}"))
+        page.on("console", lambda message: self.script_errors.append(message.text)
+                if "Content Security Policy" in message.text else None)
         return page
 
     async def generation(self, api_key: str, task_id: str) -> dict:
@@ -205,6 +210,7 @@ async def chromium():
 async def studio_factory(harness_factory, chromium):
     """Build a Studio on a fresh harness with settings overrides, its worker running."""
     made: list = []
+    made_studios: list[Studio] = []
 
     async def make(**overrides) -> Studio:
         overrides.setdefault("local_ai_delay_s", 2.0)
@@ -221,8 +227,13 @@ async def studio_factory(harness_factory, chromium):
                 await context.close()
 
         stack.push_async_callback(close_contexts)
+        made_studios.append(studio)
         return studio
 
     yield make
+    studios_errors = []
     for stack in reversed(made):
         await stack.aclose()
+    for studio in made_studios:
+        studios_errors.extend(studio.script_errors)
+    assert not studios_errors, f"the studio's scripts failed in the browser: {studios_errors}"

@@ -1,7 +1,7 @@
 // The studio: sign in, create, watch, keep, and the money. One page; the part after '#' says
 // which view is shown, so a reload or a shared link comes back to the same generation.
 
-import { ApiError, call, events, features, get, session } from "./api.js";
+import { ApiError, call, events, features, get, limits, session } from "./api.js";
 import { renderCreate } from "./create.js";
 import { clear, h, icon, replace } from "./dom.js";
 import { releaseImages, showImage } from "./images.js";
@@ -241,6 +241,8 @@ function renderWatch(root, id) {
 
   const seen = [];
   let finished = false;
+  let cost = null;
+  let kindSeen = null;
   let lastMoney = null;
 
   function addStep(name, status) {
@@ -259,6 +261,10 @@ function renderWatch(root, id) {
 
   function update(g) {
     const kind = KIND_NAMES[g.kind] || g.kind;
+    if (g.kind && g.kind !== kindSeen) {
+      kindSeen = g.kind;
+      limits().then((terms) => { cost = terms.kinds[g.kind] ? terms.kinds[g.kind].cost : null; }).catch(() => {});
+    }
     replace(eyebrow, `${kind}${g.created_at ? ` · started ${when(g.created_at)}` : ""}`);
     const name = stageName(g);
     const value = Math.max(0, Math.min(100, Number(g.progress) || 0));
@@ -279,7 +285,9 @@ function renderWatch(root, id) {
       if (g.eta_s !== null && g.eta_s !== undefined) parts.push(`${duration(g.eta_s)} to go`);
       replace(queue, icon("clock"), parts.join(" · "));
     }
-    const charged = g.credits ? g.credits.charged : 0;
+    // A stream's progress events carry no credits: past the charge, a running generation has paid its cost.
+    const paid = !TERMINAL.has(g.status) && !["queued", "charging"].includes(g.stage) && cost !== null;
+    const charged = (g.credits && g.credits.charged) || (paid ? cost : 0);
     // A charge or refund may have happened since the balance was read (a stream's progress events
     // carry no credits, so a new stage counts too): the header follows.
     const money = `${charged}/${g.credits ? g.credits.refunded : 0}/${g.stage}/${g.status}`;
