@@ -139,6 +139,7 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     # The progress moved through at least three stages a person can read.
     assert len(set(steps)) >= 3, steps
     assert steps[-1] == "Ready"
+    assert len(steps) == len(set(steps)), f"a step was listed twice: {steps}"
     # The stream misses no stage: each one the workflow went through, in its order.
     assert [s for s in steps if s in ("Reserving your credits", "Creating your image", "Saving your picture")] == [
         "Reserving your credits", "Creating your image", "Saving your picture"], steps
@@ -347,7 +348,7 @@ async def test_reload_and_a_new_tab_find_the_running_generation(studio_factory):
 
 
 async def test_phone_layout_has_no_horizontal_scroll(studio_factory):
-    studio: Studio = await studio_factory()
+    studio: Studio = await studio_factory(local_ai_delay_s=4.0)
     _, key = await studio.new_user(credits_=40)
     page = await studio.page(PHONE)
     await page.goto("/")
@@ -365,7 +366,7 @@ async def test_phone_layout_has_no_horizontal_scroll(studio_factory):
     await shoot(page, "04-create-filled")
     await page.click("button[type=submit]")
     await page.wait_for_url(re.compile(r"#/g/"))
-    await page.wait_for_selector(".stage-name")
+    await page.wait_for_selector(".stage-name:has-text('Creating your image')", timeout=30_000)
     await no_horizontal_scroll(page, "watch")
     await accessible(page, "watch")
     await shoot(page, "05-watch")

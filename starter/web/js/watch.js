@@ -84,6 +84,7 @@ async function stream(id, state, onUpdate, signal) {
     }
     if (response && (response.status === 404 || response.status === 405 || response.status === 501)) {
       // No stream on this server (or not for this id): polling tells which.
+      onUpdate(state.current);
       return null;
     }
     if (response && response.status === 401) throw new ApiError(401, "Unauthorized", "");
@@ -94,7 +95,6 @@ async function stream(id, state, onUpdate, signal) {
     }
     if (response && response.ok && response.body) {
       failures = 0;
-      onUpdate({ ...state.current, connection: "live" });
       try {
         for await (const event of sseEvents(response.body, signal)) {
           if (event.id !== null) lastId = event.id;
@@ -143,9 +143,11 @@ async function poll(id, state, onUpdate, signal) {
 export async function follow(id, onUpdate, signal) {
   const first = await get(`/v1/generations/${encodeURIComponent(id)}`, { signal });
   const state = { current: first };
-  onUpdate(first);
+  const streamed = (await features()).events;
+  // A stream replays every change from the start: showing this first look too would list a step twice.
+  if (!streamed || TERMINAL.has(first.status)) onUpdate(first);
   if (TERMINAL.has(first.status)) return first;
-  if ((await features()).events) {
+  if (streamed) {
     const done = await stream(id, state, onUpdate, signal);
     if (done) return done;
   }
