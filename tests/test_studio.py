@@ -490,3 +490,37 @@ async def test_waiting_for_a_model_shows_the_place_in_line(studio_factory, tmp_p
     await shoot(page, "16-waiting-in-line")
     steps = await steps_until_done(page)
     assert "Waiting for a free model" in steps and steps[-1] == "Ready", steps
+
+
+async def test_a_lost_answer_is_retried_with_the_same_key_and_charged_once(studio_factory):
+    studio: Studio = await studio_factory()
+    user_id, key = await studio.new_user(credits_=40)
+    page = await studio.page()
+    sent: list[dict] = []
+
+    async def lose_the_first_answer(route):
+        request = route.request
+        if request.method != "POST":
+            await route.continue_()
+            return
+        sent.append(await request.all_headers())
+        if len(sent) == 1:
+            await route.fetch()  # the server starts the generation and answers...
+            await route.abort("connectionreset")  # ...but the answer never reaches the page
+        else:
+            await route.continue_()
+
+    await page.route("**/v1/generations", lose_the_first_answer)
+    await signed_in(page, key)
+    await page.set_input_files("#file-photos", str(PERSON))
+    await page.wait_for_selector(".preview:not(.bad) img")
+    await page.dblclick("button[type=submit]")  # a double click on top of it
+    await page.wait_for_url(re.compile(r"#/g/"))
+    task_id = watched_id(page)
+    assert len(sent) == 2, sent
+    assert sent[0]["idempotency-key"] == sent[1]["idempotency-key"]
+    await steps_until_done(page)
+    listed = await studio.http.get("/v1/generations", headers={"Authorization": f"Bearer {key}"})
+    assert [g["id"] for g in listed.json()["items"]] == [task_id]
+    assert await studio.harness.ledger(task_id) == (10, 0)
+    assert await studio.harness.balance(user_id) == 30
