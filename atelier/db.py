@@ -180,16 +180,103 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
 
 
 def reading(engine: AsyncEngine):
-    """A connection for reads only. On SQLite it takes no write lock, so readers never queue
-    behind writers; elsewhere it is a plain connection."""
+    """A connection for reads only (`async with reading(engine) as conn: await conn.execute(...)`).
+    On SQLite it takes no write lock, so readers never queue behind writers, and each statement
+    runs whole on a reader thread (see _ThreadedReader); elsewhere it is a plain connection."""
     if engine.dialect.name != "sqlite":
         return engine.connect()
     reader = getattr(engine.sync_engine, "_atelier_reader", None)
     if reader is None:
-        # One option-engine per engine (about 0.1 ms to make), not one per call.
-        reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        database = engine.url.database
+        if not database or database == ":memory:":
+            # A private in-memory database is only visible to its own connection: stay on it.
+            reader = _AsyncReader(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        else:
+            reader = _ThreadedReaderFactory(engine)
         engine.sync_engine._atelier_reader = reader
     return reader.connect()
+
+
+class _AsyncReader:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    def connect(self):
+        return self._engine.connect()
+
+
+class _ThreadedReaderFactory:
+    """Synchronous SQLite connections to the same file, used on a few threads of their own.
+
+    Through aiosqlite every step of a statement (check-out, cursor, execute, fetch, close,
+    the reset on check-in) is a hop to the connection's thread and back: about 20 hops for
+    two small SELECTs, 2-5 ms of CPU in all (docs/benchmarks.md, "Reads"). Here a statement
+    is one hop: check-out, execute, fetch every row, check-in, on a reader thread.
+    Autocommit, so a read never takes SQLite's write lock (WAL gives each statement a snapshot,
+    as the aiosqlite readers had)."""
+
+    THREADS = 4
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        import concurrent.futures
+
+        from sqlalchemy import create_engine as create_sync_engine
+
+        url = engine.url.set(drivername="sqlite")
+        sync = create_sync_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                                  pool_size=self.THREADS, max_overflow=0)
+
+        @event.listens_for(sync, "connect")
+        def _pragmas(dbapi_conn, _record):  # pragma: no cover - driver hook
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        self.engine = sync.execution_options(isolation_level="AUTOCOMMIT")
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="atelier-db-read")
+        # Disposing the async engine (end of a process or test) closes these connections and
+        # threads too; a later read (an engine may be used again) makes new ones.
+        owner = engine.sync_engine
+
+        def _disposed(_engine) -> None:
+            if getattr(owner, "_atelier_reader", None) is self:
+                del owner._atelier_reader
+            self.engine.dispose()
+            self.executor.shutdown(wait=False)
+
+        event.listen(owner, "engine_disposed", _disposed)
+
+    def connect(self) -> "_ThreadedReader":
+        return _ThreadedReader(self)
+
+
+class _ThreadedReader:
+    """What `reading()` yields on SQLite: `execute` returns a buffered Result (every row read)."""
+
+    def __init__(self, factory: _ThreadedReaderFactory) -> None:
+        self._factory = factory
+
+    async def __aenter__(self) -> "_ThreadedReader":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def _run(self, statement, parameters):
+        with self._factory.engine.connect() as conn:
+            return conn.execute(statement, parameters).freeze()
+
+    async def execute(self, statement, parameters=None):
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        frozen = await loop.run_in_executor(self._factory.executor, self._run, statement, parameters)
+        return frozen()
+
+    async def scalar(self, statement, parameters=None):
+        return (await self.execute(statement, parameters)).scalar()
 
 
 async def create_schema_for_tests(engine: AsyncEngine) -> None:

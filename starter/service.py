@@ -8,9 +8,11 @@ pending activity, its attempt and last failure).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -23,8 +25,9 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
 )
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.common import QueryRejectCondition, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.api.common.v1 import WorkflowExecution as WorkflowExecutionProto
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
 from temporalio.exceptions import ApplicationError
@@ -153,10 +156,83 @@ def _view_from_result(task_id: str, kind: str, r: GenerationResult, desc: Workfl
                           completed_at=_iso(desc.close_time))
 
 
+@dataclass(frozen=True)
+class KnownGeneration:
+    """What never changes once a generation runs: its owner, kind and start."""
+
+    user_id: str
+    kind: str
+    created_at: str | None
+
+
+class KnownGenerations:
+    """Generations seen running, remembered (bounded, oldest dropped first) so that the next read
+    of one needs no describe: a `progress` query that the server rejects once the workflow has
+    closed answers it in one round trip (docs/benchmarks.md, "Reads"). Nothing here is a
+    generation's state: that is always the workflow's answer."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, KnownGeneration] = OrderedDict()
+
+    def get(self, task_id: str) -> KnownGeneration | None:
+        return self._entries.get(task_id)
+
+    def put(self, task_id: str, known: KnownGeneration) -> None:
+        self._entries[task_id] = known
+        self._entries.move_to_end(task_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, task_id: str) -> None:
+        self._entries.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+async def _ledger_totals(engine: AsyncEngine | None, task_id: str) -> tuple[int, int] | None:
+    return await credits.task_totals(engine, task_id) if engine is not None else None
+
+
+async def _read_known_running(client: Client, task_id: str, known: KnownGeneration,
+                              engine: AsyncEngine | None) -> GenerationState | RPCError | None:
+    """A generation known to have been running, read with one query (and its ledger rows, at the
+    same time); None when it has closed since (read it in full), the RPCError when the query could
+    not be answered (no worker: read it from describe)."""
+    handle = client.get_workflow_handle(task_id)
+    query = handle.query(GenerationWorkflow.progress, reject_condition=QueryRejectCondition.NOT_OPEN,
+                         rpc_timeout=QUERY_TIMEOUT)
+    progress, money = await asyncio.gather(query, _ledger_totals(engine, task_id), return_exceptions=True)
+    if isinstance(progress, RPCError):
+        return progress
+    if isinstance(progress, (WorkflowQueryRejectedError, WorkflowQueryFailedError)):
+        return None
+    for outcome in (progress, money):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    view = _view_of_progress(progress, task_id, known.kind, known.created_at)
+    if money is not None:
+        view.charged, view.refunded = money
+    return GenerationState(view, known.user_id, True, "query")
+
+
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None,
-                          admission_queue: str = DEFAULT_TASK_QUEUE) -> GenerationState | None:
+                          admission_queue: str = DEFAULT_TASK_QUEUE,
+                          known: KnownGenerations | None = None) -> GenerationState | None:
     """The state of one generation, or None if there is no such workflow. `admission_queue` is
-    the task queue of the admission workflows (the workers' generation queue)."""
+    the task queue of the admission workflows (the workers' generation queue). `known`: facts of
+    generations seen running, kept and used to read a running one without a describe."""
+    facts = known.get(task_id) if known is not None else None
+    query_failed = False
+    if facts is not None:
+        read = await _read_known_running(client, task_id, facts, engine)
+        if isinstance(read, GenerationState):
+            if read.view.stage == Stage.WAITING_FOR_MODEL.value and read.view.model:
+                await _read_place_in_line(client, read.view, admission_queue)
+            return read
+        known.forget(task_id)
+        query_failed = read is not None  # no second query timeout below
     handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
     try:
         desc = await handle.describe()
@@ -171,7 +247,10 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
     state: GenerationState
 
     if desc.status == WorkflowExecutionStatus.RUNNING:
-        state = await _read_running(client, handle, desc, task_id, user_id, kind, sa_status)
+        state = await _read_running(client, handle, desc, task_id, user_id, kind, sa_status,
+                                    query=not query_failed)
+        if known is not None and state.source == "query":
+            known.put(task_id, KnownGeneration(user_id, kind, _iso(desc.start_time)))
         if state.view.stage == Stage.WAITING_FOR_MODEL.value and state.view.model:
             await _read_place_in_line(client, state.view, admission_queue)
     elif desc.status == WorkflowExecutionStatus.COMPLETED:
@@ -194,16 +273,17 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
     return state
 
 
-async def _read_running(client, handle, desc, task_id, user_id, kind, sa_status) -> GenerationState:
+async def _read_running(client, handle, desc, task_id, user_id, kind, sa_status, *, query: bool = True
+                        ) -> GenerationState:
     # Still "queued": no worker has run the workflow's first task, so no worker could answer a
     # query either; describe says all there is, without waiting out the query timeout.
-    if sa_status != Status.QUEUED.value:
+    if query and sa_status != Status.QUEUED.value:
         try:
             return await _read_by_query(handle, desc, task_id, user_id, kind)
         except RPCError:
             pass
     # No worker answered: describe still knows the pending activity, its attempt and last failure.
-    raw = desc if sa_status == Status.QUEUED.value else await handle.describe()
+    raw = desc if sa_status == Status.QUEUED.value or not query else await handle.describe()
     stage, attempt, error = Stage.QUEUED, 0, None
     pending = list(raw.raw_description.pending_activities)
     if pending:
@@ -255,17 +335,20 @@ async def _last_scheduled_activity(client: Client, task_id: str) -> str | None:
     return None
 
 
-async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationState:
-    p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
-    view = GenerationView(
+def _view_of_progress(p: Progress, task_id: str, kind: str, created_at: str | None) -> GenerationView:
+    return GenerationView(
         id=task_id, kind=p.kind or kind, status=p.status, stage=p.stage, progress=p.percent, model=p.model,
         attempt=p.attempt, queue_position=p.queue_position, eta_s=p.eta_s,
         error={"code": p.error_code or "", "message": p.last_error} if p.last_error else None,
-        created_at=_iso(desc.start_time), charged=p.credits_charged, refunded=p.credits_refunded,
+        created_at=created_at, charged=p.credits_charged, refunded=p.credits_refunded,
         work_id=p.work_id, images=_stored(p.images), attempts=attempts_of(p.attempts), error_stage=p.error_stage,
         retryable=p.retryable,
     )
-    return GenerationState(view, user_id, True, "query")
+
+
+async def _read_by_query(handle, desc, task_id, user_id, kind) -> GenerationState:
+    p: Progress = await handle.query(GenerationWorkflow.progress, rpc_timeout=QUERY_TIMEOUT)
+    return GenerationState(_view_of_progress(p, task_id, kind, _iso(desc.start_time)), user_id, True, "query")
 
 
 async def _failed_view(handle, desc, task_id, kind) -> GenerationView:

@@ -17,6 +17,7 @@ from atelier.settings import Settings
 from starter.api.errors import ApiError
 from starter.api.keycache import KeyCache
 from starter.api.metrics import Metrics
+from starter.service import KnownGenerations
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ApiContext:
     metrics: Metrics
     cursor_key: bytes
     keys: KeyCache = field(default_factory=KeyCache)
+    # Owner, kind and start of generations seen running: a running one is then read with one query.
+    generations: KnownGenerations = field(default_factory=KnownGenerations)
     links: LinkSigner | None = None
     _models: list[str] | None = field(default=None, repr=False)
 
@@ -57,7 +60,8 @@ class ApiContext:
         return (self.settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
-def context(request: Request) -> ApiContext:
+async def context(request: Request) -> ApiContext:
+    # async: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per request.
     ctx = getattr(request.app.state, "atelier", None)
     if ctx is None:
         raise ApiError(503, "Unavailable", "the API is starting; retry shortly", headers={"Retry-After": "1"})
