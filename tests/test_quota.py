@@ -164,3 +164,31 @@ async def test_a_worker_killed_holding_slots_gives_them_back_and_the_quota_holds
 
 async def _in_flight_at_provider(fake: FakeGemini, n: int) -> bool:
     return fake.quota_stats().in_flight >= n
+
+
+async def test_a_grant_applied_before_the_generation_asks_is_kept(harness_factory, tmp_path):
+    """After a timed-out workflow task, the grant signal can be applied in the same task as the
+    step before the request, i.e. before the code that asks has run again. It must be kept, not
+    sent back as a stray: sending it back left the generation waiting for ever."""
+    from atelier.messages import SlotGrant
+    from tests.fakes.http_server import FakeHttpServer
+
+    async with FakeGemini(api_key="test-key") as fake:
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=2)
+        user = await h.user(100)
+        images = FakeHttpServer().start()
+        try:
+            images.route("/slow.jpg", body=fake_images.jpeg(320, 240), delay_s=3.0,
+                         headers={"Content-Type": "image/jpeg"})
+            async with h.worker():
+                # The model's admission workflow runs already (a generation before this one).
+                first = await h.start(user, "photography", await photo(h, user))
+                assert (await asyncio.wait_for(first.result(), 60)).status == "completed"
+                handle = await h.start(user, "photography", [ImageInput(url=images.url("/slow.jpg"))])
+                # While it downloads: the grant for its first request arrives early.
+                await handle.signal("slot_granted", SlotGrant(ticket=f"{handle.id}:1", model=MODEL))
+                result = await asyncio.wait_for(handle.result(), 90)
+        finally:
+            images.stop()
+    assert result.status == "completed"
+    assert await h.ledger(handle.id) == (10, 0)

@@ -196,9 +196,9 @@ class _Slot:
     """This generation's place with the models' admission workflows (see workflows/admission.py)."""
 
     seq: int = 0
-    # The ticket waited for or held (None: neither), and whether it was granted.
+    # The ticket waited for or held (None: neither), and every ticket granted so far.
     ticket: str | None = None
-    granted: bool = False
+    grants: set[str] = field(default_factory=set)
     # When the generation first joined a line: a re-request after a 429 keeps its place.
     since: float | None = None
     # model -> its admission workflow's id, as request_slot answered.
@@ -239,13 +239,11 @@ class GenerationWorkflow:
 
     @workflow.signal(name="slot_granted")
     def slot_granted(self, grant: SlotGrant) -> None:
-        """The model's admission workflow hands this generation a call slot."""
-        s = self._slot
-        if grant.ticket == s.ticket:
-            s.granted = True
-        else:
-            # A grant that crossed this generation's giving up: hand it straight back.
-            self._send_release(grant.model, grant.ticket, "withdrawn", None)
+        """The model's admission workflow hands this generation a call slot. Only recorded: a
+        grant can be applied before the code that asked for it has run again in this task (a
+        replay after a timed-out task), so it is never judged here. A grant that crosses this
+        generation's withdrawal needs nothing either: the withdrawal releases it."""
+        self._slot.grants.add(grant.ticket)
 
     # ---- progress and status: the workflow is their only writer ----------------------
 
@@ -592,7 +590,6 @@ class GenerationWorkflow:
         s, t = self._slot, req.timeouts
         s.seq += 1
         ticket = s.ticket = f"{req.task_id}:{s.seq}"
-        s.granted = False
         if s.since is None:
             s.since = workflow.now().timestamp()
         self._stage(Stage.WAITING_FOR_MODEL)
@@ -616,7 +613,7 @@ class GenerationWorkflow:
                     start_to_close_timeout=seconds(t.short_start_to_close_s),
                     retry_policy=policies.ADMISSION_RETRY, summary=summary)
             s.admission_ids[choice.model] = answer.workflow_id
-            await workflow.wait_condition(lambda: s.granted)
+            await workflow.wait_condition(lambda: ticket in s.grants)
         except (Exception, asyncio.CancelledError):  # not GeneratorExit: a cache eviction is no cancel
             # Canceled or out of time while in line: leave it (or hand back a grant that crossed).
             s.ticket = None
