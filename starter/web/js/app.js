@@ -89,8 +89,8 @@ function runningList() {
       h("ul", { class: "running-list" }, found.map((g) => h("li", {},
         h("a", { href: `#/g/${encodeURIComponent(g.id)}` },
           h("span", { class: "pulse", "aria-hidden": "true" }),
-          h("span", {}, `${KIND_NAMES[g.kind] || g.kind}`),
-          h("span", { class: "muted" }, ` · started ${when(g.created_at)}`))))));
+          h("span", {}, h("strong", {}, KIND_NAMES[g.kind] || g.kind),
+            h("span", { class: "muted" }, ` · started ${when(g.created_at)}`)))))));
     box.hidden = false;
   })();
   return box;
