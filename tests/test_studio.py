@@ -454,7 +454,7 @@ async def test_waiting_for_a_model_shows_the_place_in_line(studio_factory, tmp_p
     catalogue.write_text(json.dumps({"models": [
         {"name": "local-studio", "provider": "local", "priority": 1, "cost": 0, "max_concurrent": 1},
     ]}))
-    studio: Studio = await studio_factory(local_ai_delay_s=5.0, model_catalogue=catalogue)
+    studio: Studio = await studio_factory(local_ai_delay_s=8.0, model_catalogue=catalogue)
     _, first_key = await studio.new_user(credits_=40)
     _, key = await studio.new_user(credits_=40)
     first_auth = {"Authorization": f"Bearer {first_key}"}
@@ -482,7 +482,8 @@ async def test_waiting_for_a_model_shows_the_place_in_line(studio_factory, tmp_p
     await someone_else({"completed"})
     await someone_else({"generating"})
     await page.click("button[type=submit]")
-    queue = page.locator(".queue:not([hidden])")
+    # The place in line comes from the model's admission workflow, a moment after the wait begins.
+    queue = page.locator(".queue:not([hidden]):has-text('in line')")
     await queue.wait_for(timeout=30_000)
     text = await queue.inner_text()
     assert "1st in line" in text and "to go" in text, text
