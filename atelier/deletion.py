@@ -41,6 +41,13 @@ async def record_inputs(engine: AsyncEngine, *, task_id: str, user_id: str, keys
             await add_refs(conn, user_id=user_id, kind=INPUT, owner_id=task_id, keys=keys)
 
 
+async def record_outputs(engine: AsyncEngine, *, task_id: str, user_id: str, keys: list[str]) -> None:
+    """A generation holds the outputs its AI call stored, saved into a work or not."""
+    if keys:
+        async with engine.begin() as conn:
+            await add_refs(conn, user_id=user_id, kind=OUTPUT, owner_id=task_id, keys=keys)
+
+
 async def collect(engine: AsyncEngine, blobs: BlobStore, keys) -> list[str]:
     """Delete each blob of `keys` that no holder is left for; returns the keys deleted."""
     deleted = []
@@ -142,8 +149,9 @@ async def input_tasks_before(engine: AsyncEngine, cutoff: datetime, *, limit: in
 
 
 async def withdrawn_output_tasks_before(engine: AsyncEngine, cutoff: datetime, *, limit: int) -> list[str]:
-    """Generations holding outputs recorded before `cutoff` with no work any more (a refund that
-    came after the save withdrew it): those outputs are nobody's to keep."""
+    """Generations holding outputs recorded before `cutoff` with no work (the generation ended
+    without saving one, or a refund that came after the save withdrew it): those outputs are
+    nobody's to keep."""
     no_work = ~exists().where(works.c.task_id == blob_refs.c.owner_id)
     async with reading(engine) as conn:
         rows = await conn.execute(

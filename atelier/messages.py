@@ -191,6 +191,8 @@ class GenerationResult:
     # The stage the generation failed in, and whether submitting it again could help.
     error_stage: str | None = None
     retryable: bool | None = None
+    # The sequence number of the change that ended the generation (the progress stream's last id).
+    seq: int = 0
 
 
 @dataclass
@@ -323,6 +325,8 @@ class DownloadResult:
 @dataclass
 class AiRequest:
     task_id: str = ""
+    # The generation's owner: its outputs are held for them until saved or released (retention).
+    user_id: str = ""
     kind: str = ""
     model: str = ""
     provider: str = ""

@@ -34,6 +34,8 @@ class GenerationView:
     # While waiting for a slot of the model's quota: 1 = next; None when not waiting or unknown.
     queue_position: int | None = None
     eta_s: float | None = None
+    # A closed generation: the sequence number of the change that ended it (None: not known).
+    seq: int | None = None
 
 
 def attempts_of(items) -> list[AttemptRecord]:
@@ -49,7 +51,7 @@ def view_of_result(r: GenerationResult, *, task_id: str = "", kind: str = "", cr
         model=r.model, error={"code": r.error_code, "message": r.error or ""} if r.error_code else None,
         created_at=created_at, completed_at=completed_at, charged=r.credits_charged, refunded=r.credits_refunded,
         work_id=r.work_id, images=[i if isinstance(i, StoredImage) else StoredImage(**i) for i in r.images or []],
-        attempts=attempts_of(r.attempts), error_stage=r.error_stage, retryable=r.retryable,
+        attempts=attempts_of(r.attempts), error_stage=r.error_stage, retryable=r.retryable, seq=r.seq or None,
     )
 
 

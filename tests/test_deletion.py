@@ -408,3 +408,49 @@ async def test_erasing_a_user_cancels_their_running_generation_with_a_refund_and
         assert blobs.exists(bob_input.blob_key)
         await api.http.post(f"/v1/generations/{ids['bob']}/cancel", headers=bob)
         await api.poll(bob, ids["bob"], until={"canceled"})
+
+
+async def test_outputs_of_a_generation_that_never_saved_a_work_are_held_then_released(harness):
+    """The AI call's outputs are held by their generation from the moment they are stored; one that
+    ended without a work (failed or canceled after its AI call) leaves them to retention, which
+    deletes them: no image of the person is left behind."""
+    from datetime import datetime, timedelta, timezone
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.ai import AiActivities
+    from atelier import deletion
+    from atelier.messages import AiRequest
+
+    h = harness
+    user = await h.user(0)
+    file_id = await h.upload(user, jpeg(240, 180))
+    [stored_input] = await _refs_of(h, kind="upload", owner_id=file_id)
+    from atelier.messages import StoredImage
+    image = StoredImage(key=stored_input.blob_key, content_type="image/jpeg", width=240, height=180)
+    ai = AiActivities(h.engine, h.deps.blobs, h.deps.providers)
+    task_id = "gen_" + "0" * 32
+    out = await ActivityEnvironment().run(ai.call_ai, AiRequest(
+        task_id=task_id, user_id=user, kind="photography", model="local-studio", provider="local",
+        images=[image]))
+    [output] = out.images
+    assert h.deps.blobs.exists(output.key)
+    held = await _refs_of(h, kind="output", owner_id=task_id)
+    assert [(r.blob_key, r.user_id) for r in held] == [(output.key, user)]
+
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert task_id in await deletion.withdrawn_output_tasks_before(h.engine, later, limit=10)
+    assert output.key in await deletion.release_outputs(h.engine, h.deps.blobs, [task_id])
+    assert not h.deps.blobs.exists(output.key)
+
+
+async def _refs_of(h, **where):
+    from sqlalchemy import select
+
+    from atelier.db import blob_refs, reading
+
+    async with reading(h.engine) as conn:
+        query = select(blob_refs)
+        for column, value in where.items():
+            query = query.where(getattr(blob_refs.c, column) == value)
+        return (await conn.execute(query)).all()

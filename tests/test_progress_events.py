@@ -31,7 +31,7 @@ async def test_the_events_log_has_every_stage_once_in_order_with_a_bar_that_neve
     user = await h.user(100)
     async with h.worker():
         handle = await h.start(user, "photography", await _photo(h, user))
-        await handle.result()
+        result = await handle.result()
         page = await handle.query(GenerationWorkflow.events, EventsRequest(after_seq=0))
         later = await handle.query(GenerationWorkflow.events, EventsRequest(after_seq=page.events[2].seq))
     seqs = [e.seq for e in page.events]
@@ -43,6 +43,8 @@ async def test_the_events_log_has_every_stage_once_in_order_with_a_bar_that_neve
     percents = [e.percent for e in page.events]
     assert percents == sorted(percents) and percents[-1] == 100
     assert page.events[-1].status == "completed"
+    # The result names the change that ended it: a stream can label its final event with no worker up.
+    assert result.seq == next(e.seq for e in page.events if e.status == "completed")
     # Resuming after a sequence number gives exactly the events after it.
     assert [e.seq for e in later.events] == seqs[3:]
 

@@ -292,7 +292,7 @@ class GenerationWorkflow:
             task_id=p.task_id, status=status.value, kind=p.kind, work_id=p.work_id,
             images=list(p.images), model=p.model, error_code=p.error_code, error=p.last_error,
             credits_charged=p.credits_charged, credits_refunded=p.credits_refunded,
-            attempts=list(p.attempts), error_stage=p.error_stage, retryable=p.retryable,
+            attempts=list(p.attempts), error_stage=p.error_stage, retryable=p.retryable, seq=p.seq,
         )
 
     # ---- the saga ----------------------------------------------------------------------
@@ -511,7 +511,7 @@ class GenerationWorkflow:
 
     @staticmethod
     def _ai_request(req: GenerationRequest, downloaded, choice: ModelChoice) -> AiRequest:
-        return AiRequest(task_id=req.task_id, kind=req.kind, model=choice.model, provider=choice.provider,
+        return AiRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=choice.model, provider=choice.provider,
                          prompt=req.prompt, style=req.style, images=downloaded.images,
                          parameters=dict(req.parameters))
 

@@ -102,8 +102,9 @@ class _Watch:
         state = await service.read_generation(self.ctx.client, self.task_id, engine=self.ctx.engine)
         if state is None:
             return None
-        # No worker could say which change ended it: the next id after the last one sent.
-        seq = self.final_seq if self.final_seq is not None else self.after + 1
+        # No worker could say which change ended it: the workflow's result says (generations
+        # started before it did: the next id after the last one sent).
+        seq = self.final_seq if self.final_seq is not None else state.view.seq or self.after + 1
         body = generation_object(state.view, image_url=self.ctx.image_url(self.request, self.user_id))
         name = state.view.status if state.view.status in TERMINAL else "done"
         return ServerSentEvent(data=json.dumps(body, separators=(",", ":")), event=name, id=str(seq))
