@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     download_timeout_s: float = Field(default=60.0, gt=0)
     download_heartbeat_s: float = Field(default=20.0, gt=0)
     ai_timeout_s: float = Field(default=300.0, gt=0)
-    ai_heartbeat_s: float = Field(default=30.0, gt=0)
+    ai_heartbeat_s: float = Field(default=50.0, gt=0)
     ai_schedule_to_start_s: float = Field(default=600.0, gt=0)
     ai_max_attempts: int = Field(default=3, ge=1)
     generation_deadline_s: float = Field(default=3600.0, gt=0)
@@ -208,7 +208,7 @@ DESCRIPTIONS = {
     "download_timeout_s": "start-to-close timeout of download_and_convert",
     "download_heartbeat_s": "heartbeat timeout of download_and_convert",
     "ai_timeout_s": "start-to-close timeout of one AI call",
-    "ai_heartbeat_s": "heartbeat timeout of the AI call: a dead worker is noticed within this",
+    "ai_heartbeat_s": "heartbeat timeout of the AI call: a dead worker is noticed within this (heartbeats go out every 0.8 of it)",
     "ai_schedule_to_start_s": "how long an AI call may wait for a worker before that is a failure",
     "ai_max_attempts": "attempts per model before falling back to the next one",
     "generation_deadline_s": "a generation still unfinished after this fails and is refunded (a timer in the workflow)",

@@ -56,6 +56,40 @@ async def wait(req: WaitInput) -> StepOutput:
     return StepOutput(step=1)
 
 
+@dataclass
+class HeartbeatWaitInput:
+    task_id: str = ""
+    seconds: float = 60.0
+    heartbeat_s: float = 0.0  # the activity's heartbeat timeout; 0: none, and no heartbeats
+
+
+@activity.defn(name="bench_wait_heartbeating")
+async def wait_heartbeating(req: HeartbeatWaitInput) -> StepOutput:
+    """A slow call that heartbeats exactly as call_ai does (activities/ai.py: every third of the
+    timeout, at most every 10 s; the SDK then sends at most one per 0.8 of the timeout)."""
+    from activities.ai import heartbeating
+
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        await asyncio.sleep(req.seconds)
+        return StepOutput(step=1)
+    async with heartbeating(max(0.5, min(10.0, timeout.total_seconds() / 3))):
+        await asyncio.sleep(req.seconds)
+    return StepOutput(step=1)
+
+
+@workflow.defn(name="BenchFloorHeartbeatWorkflow")
+class FloorHeartbeatWorkflow:
+    """One activity that waits and heartbeats like the AI call: the heartbeat benchmark."""
+
+    @workflow.run
+    async def run(self, req: HeartbeatWaitInput) -> int:
+        out = await workflow.execute_activity(
+            wait_heartbeating, req, start_to_close_timeout=timedelta(seconds=req.seconds + 300),
+            heartbeat_timeout=timedelta(seconds=req.heartbeat_s) if req.heartbeat_s else None)
+        return out.step
+
+
 @workflow.defn(name="BenchFloorWaitWorkflow")
 class FloorWaitWorkflow:
     """One activity that waits: 1,000 of these in flight is the concurrency floor."""
@@ -85,7 +119,8 @@ def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: 
                  max_concurrent_workflow_tasks: int = 200, max_cached_workflows: int = 2000) -> Worker:
     """The same options build_workers gives the project's main worker (settings defaults)."""
     return Worker(
-        client, task_queue=task_queue, workflows=[FloorWorkflow, FloorWaitWorkflow], activities=[noop, wait],
+        client, task_queue=task_queue, workflows=[FloorWorkflow, FloorWaitWorkflow, FloorHeartbeatWorkflow],
+        activities=[noop, wait, wait_heartbeating],
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         max_cached_workflows=max_cached_workflows,

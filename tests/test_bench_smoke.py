@@ -29,6 +29,7 @@ EXPECTED = {
     "history": {"cases", "largest_history_bytes", "goal_met"},
     "submit": {"closed_loop", "open_loop", "saturation_rps", "goals_met", "chart"},
     "reads": {"arms", "credits_vs_healthz", "running_vs_healthz", "goals_met"},
+    "heartbeat": {"count", "arms", "goal_met"},
     "local_provider": {"arms", "cpu_ms_per_generation", "cpu_ratio_before_over_now", "goal_met"},
     "quota": {"total_vs_ideal", "utilisation_while_backlog", "jain_users_mean_wait", "provider_max_in_flight",
               "handoff_s", "goal_met", "chart"},
