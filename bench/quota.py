@@ -270,12 +270,20 @@ async def bench(args) -> None:
         if i in submitted_at:
             waits.setdefault(user_of[i], []).append(at - submitted_at[i])
     user_means = [sum(w) / len(w) for w in waits.values() if w]
-    util = utilisation([tuple(p) for p in stats.timeline], first_call, last_call, quota)
+    # The backlog: generations waiting in the admission line (sampled); before the line formed
+    # the server was still starting and charging the burst, which is not the quota's doing.
+    backlog = [t0 + t for t, waiting in waiting_series if waiting > 0]
+    util_span = (min(backlog), max(backlog)) if len(backlog) >= 2 else (first_call, last_call)
+    util = utilisation([tuple(p) for p in stats.timeline], *util_span, quota)
+    util_calls = utilisation([tuple(p) for p in stats.timeline], first_call, last_call, quota)
     results = {
         "count": n, "users": n_users, "quota": quota, "call_s": call_s, "ideal_s": round(ideal, 1),
         "completed": completed, "closed": len(closed), "submit_s": round(submit_s, 2),
         "total_s": round(total, 1), "total_vs_ideal": round(total / ideal, 3),
         "utilisation_while_backlog": util,
+        "backlog_span_s": [round(util_span[0] - t0, 1), round(util_span[1] - t0, 1)],
+        "utilisation_first_to_last_call": util_calls,
+        "first_call_s": round(first_call - t0, 1),
         "jain_users_mean_wait": jain(user_means),
         "user_mean_wait_s": summary(user_means),
         "provider_429s": stats.busy_answers, "provider_max_in_flight": stats.max_in_flight_seen,
