@@ -200,8 +200,8 @@ async def test_wrong_key_then_photography_from_upload_to_result(studio_factory):
     listed = await studio.http.get("/v1/works", headers={"Authorization": f"Bearer {key}"})
     assert listed.json()["items"] == []
     await page.click(".nav a[data-nav='credits']")
-    await page.wait_for_selector(".ledger tr.charge")
-    assert "−10" in await page.inner_text(".ledger tr.charge")
+    await page.wait_for_selector(".ledger tr.row-charge")
+    assert "−10" in await page.inner_text(".ledger tr.row-charge")
     assert "30 credits" in await page.inner_text(".balance-big")
     await shoot(page, "08-credits")
 
@@ -279,11 +279,13 @@ async def test_cancel_ends_in_a_refund_shown_on_the_page(studio_factory):
     await page.wait_for_function("() => document.querySelector('.balance').textContent.includes('15 credits')")
 
     await page.click("button:has-text('Cancel and refund')")
-    refund = page.locator(".outcome .refund")
+    refund = page.locator(".outcome .refund-note")
     await refund.wait_for(timeout=30_000)
     assert "10 credits returned" in await refund.inner_text()
     assert await page.inner_text("h1") == "Canceled"
     await page.wait_for_function("() => document.querySelector('.balance').textContent.includes('25 credits')")
+    steps = await page.locator(".steps li").all_inner_texts()
+    assert steps[-2:] == ["Returning your credits", "Canceled"], steps
     await shoot(page, "11-canceled")
     generation = await studio.generation(key, task_id)
     assert generation["status"] == "canceled"
@@ -291,11 +293,13 @@ async def test_cancel_ends_in_a_refund_shown_on_the_page(studio_factory):
 
     # The ledger shows it as a refund, not as a second charge.
     await page.click(".nav a[data-nav='credits']")
-    row = page.locator(".ledger tr.refund")
+    row = page.locator(".ledger tr.row-refund")
     await row.wait_for()
     text = await row.inner_text()
     assert "refund" in text.lower() and "you canceled" in text and "+10" in text
-    assert await page.locator(".ledger tr.charge").count() == 1
+    # A row of the table like the others (a style meant for the refund note once broke it apart).
+    assert await row.evaluate("r => getComputedStyle(r).display") == "table-row"
+    assert await page.locator(".ledger tr.row-charge").count() == 1
     await shoot(page, "12-credits-refund")
 
 
@@ -344,7 +348,7 @@ async def test_reload_and_a_new_tab_find_the_running_generation(studio_factory):
     await running.click()
     await again.wait_for_selector(".stage-name:has-text('Creating your image')")
     await again.click("button:has-text('Cancel and refund')")
-    await again.locator(".outcome .refund").wait_for(timeout=30_000)
+    await again.locator(".outcome .refund-note").wait_for(timeout=30_000)
 
 
 async def test_phone_layout_has_no_horizontal_scroll(studio_factory):

@@ -275,7 +275,8 @@ function renderWatch(root, id) {
     progress.classList.toggle("working", !TERMINAL.has(g.status));
     replace(stage, name);
     replace(percent, `${value} %`);
-    addStep(name, g.status);
+    // The last moment before the final status is not a step of its own.
+    if (g.stage !== "done" || TERMINAL.has(g.status)) addStep(name, g.status);
     const waiting = g.stage === "waiting_for_model" || g.queue_position;
     queue.hidden = !waiting || TERMINAL.has(g.status);
     if (waiting) {
@@ -359,7 +360,7 @@ function renderWatch(root, id) {
       title.textContent = FINAL[g.status] === "Canceled" ? "Canceled" : "It did not finish";
       document.title = `${FINAL[g.status]} · Atelier studio`;
       const money = refunded > 0
-        ? h("p", { class: "refund" }, icon("refund"), h("strong", {}, "Refund"), ` ${credits(refunded)} returned to your balance.`)
+        ? h("p", { class: "refund-note" }, icon("refund"), h("strong", {}, "Refund"), ` ${credits(refunded)} returned to your balance.`)
         : charged > 0 ? h("p", {}, `${credits(charged)} charged.`) : h("p", { class: "muted" }, "Nothing was charged.");
       replace(outcome, h("div", { class: `panel outcome-panel ${g.status}`, role: "status" },
         h("h2", {}, icon(g.status === "canceled" ? "x" : "alert"), what),
@@ -525,7 +526,7 @@ async function renderCredits(root) {
   const rows = account.entries.map((entry) => {
     const [what, type] = ledgerLine(entry);
     const generation = entry.entry === "grant" ? null : entry.generation_id;
-    return h("tr", { class: type },
+    return h("tr", { class: `row-${type}` },
       h("td", { class: "date" }, h("time", { datetime: entry.created_at }, when(entry.created_at))),
       h("td", {}, h("span", { class: `badge ${type}` }, type === "refund" ? "Refund" : type === "charge" ? "Charge" : "Added"),
         " ", what.replace(/^(Refund|Charge|Credits added)( · )?/, ""),

@@ -14,6 +14,7 @@ export const STAGES = {
   saving: "Saving your picture",
   notifying: "Finishing up",
   refunding: "Returning your credits",
+  done: "Finishing up",
 };
 
 export const FINAL = {
