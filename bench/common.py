@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -560,7 +560,9 @@ class Closed:
 
 async def closed_workflows(client: Client, task_queue: str) -> list[Closed]:
     out = []
-    async for wf in client.list_workflows(f"TaskQueue='{task_queue}'", page_size=1000):
+    # Small pages with a long timeout: a loaded dev server timed out a 1,000-row page.
+    async for wf in client.list_workflows(f"TaskQueue='{task_queue}'", page_size=200,
+                                          rpc_timeout=timedelta(seconds=60)):
         out.append(Closed(wf.id, wf.status.name if wf.status else "?", wf.start_time, wf.close_time))
     return out
 
