@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from activities.errors import to_application_error
-from atelier import deletion, model_health
+from atelier import model_health
 from atelier.blobstore import BlobStore
 from atelier.errors import AtelierError, BadImage, ContentBlocked, ProviderRejected, ProviderUnavailable
 from atelier.images import store_image
@@ -64,15 +64,7 @@ class AiActivities:
                 )
             if not generated:
                 raise ProviderRejected("the provider answered without an image")
-            stored = []
-            for g in generated:
-                image = await self._store_output(g.data)
-                stored.append(image)
-                if req.user_id:
-                    # Held by the generation from now on: a generation that ends without saving its
-                    # work leaves no image of anyone behind (retention releases unsaved outputs).
-                    await deletion.record_outputs(self.engine, task_id=req.task_id, user_id=req.user_id,
-                                                  keys=[image.key])
+            stored = [await self._store_output(g.data) for g in generated]
         except AtelierError as err:
             # A 429 is the quota speaking, not the model failing: it never marks the model unhealthy.
             if isinstance(err, (ProviderUnavailable, ProviderRejected)) and not isinstance(err, ContentBlocked):

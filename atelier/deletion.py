@@ -41,13 +41,6 @@ async def record_inputs(engine: AsyncEngine, *, task_id: str, user_id: str, keys
             await add_refs(conn, user_id=user_id, kind=INPUT, owner_id=task_id, keys=keys)
 
 
-async def record_outputs(engine: AsyncEngine, *, task_id: str, user_id: str, keys: list[str]) -> None:
-    """A generation holds the outputs its AI call stored, saved into a work or not."""
-    if keys:
-        async with engine.begin() as conn:
-            await add_refs(conn, user_id=user_id, kind=OUTPUT, owner_id=task_id, keys=keys)
-
-
 async def collect(engine: AsyncEngine, blobs: BlobStore, keys) -> list[str]:
     """Delete each blob of `keys` that no holder is left for; returns the keys deleted."""
     deleted = []
