@@ -95,9 +95,14 @@ async def test_one_users_backlog_does_not_hold_up_the_others(harness_factory, tm
             began = time.monotonic()
             backlog = [await h.start(heavy, "photography", heavy_images, prompt=f"heavy {i}") for i in range(40)]
             await wait_for(lambda: _waiting_at_least(h, 10), timeout=60)
-            # While the backlog waits, a generation of it shows where it stands.
-            state = await read_generation(h.client, backlog[-1].id, admission_queue=h.settings.task_queue)
-            assert state.view.stage == Stage.WAITING_FOR_MODEL.value and state.view.model == MODEL
+            # While the backlog waits, a generation of it shows where it stands (the last one
+            # submitted may still be downloading its input on a loaded machine: wait for it).
+            async def last_waiting():
+                s = await read_generation(h.client, backlog[-1].id, admission_queue=h.settings.task_queue)
+                return s if s.view.stage == Stage.WAITING_FOR_MODEL.value else None
+
+            state = await wait_for(last_waiting, timeout=60)
+            assert state.view.model == MODEL
             assert isinstance(state.view.queue_position, int) and state.view.queue_position > 1
             light_began = time.monotonic()
             others = [await h.start(u, "photography", await photo(h, u), prompt=f"light {i}")
