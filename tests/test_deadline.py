@@ -209,12 +209,17 @@ async def _charge_held(h, gate: threading.Event):
         async with h.engine.connect() as conn:
             trans = await conn.begin()
             await conn.execute(text("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE"))
-            waiter = asyncio.ensure_future(asyncio.to_thread(gate.wait, 30))
+
+            async def release():
+                await asyncio.to_thread(gate.wait, 30)
+                await trans.rollback()
+
+            releaser = asyncio.ensure_future(release())
             try:
                 yield
             finally:
-                await waiter
-                await trans.rollback()
+                gate.set()
+                await releaser
         return
     path = h.settings.database_url.split("///", 1)[1]
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -231,12 +231,10 @@ async def test_erasure_removes_everything_of_one_user_and_nothing_of_another(api
     assert len(blob_store_holds(api.settings.blob_dir, bob_pieces)) == len(bob_keys)
     assert (await api.http.get(f"/v1/works/{bob_done['result']['work_id']}", headers=bob)).status_code == 200
     assert (await api.http.get(bob_done["result"]["images"][0]["url"])).status_code == 200
-    async def bob_histories_complete() -> bool:
-        # Still there, and each ends as it would have (a webhook delivery may still be finishing).
-        statuses = [(await api.harness.client.get_workflow_handle(w).describe()).status for w in bob_family]
-        return all(s == WorkflowExecutionStatus.COMPLETED for s in statuses)
-
-    await wait_until(bob_histories_complete, timeout=60, interval=0.5)
+    for workflow_id in bob_family:
+        # Still there (describe raises NOT_FOUND for a deleted history); a webhook delivery may still run.
+        status = (await api.harness.client.get_workflow_handle(workflow_id).describe()).status
+        assert status in (WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.RUNNING)
     assert (await api.http.post("/v1/admin/users/usr_nobody/erase", headers=api.admin)).status_code == 404
 
 
