@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
 from activities.errors import to_application_error
+from activities.heartbeat import heartbeating  # re-exported: bench/floor.py imports it from here
 from atelier import model_health
 from atelier.blobstore import BlobStore
 from atelier.errors import AtelierError, BadImage, ContentBlocked, ProviderRejected, ProviderUnavailable
@@ -20,25 +21,6 @@ from atelier.providers.base import GenerationInput, Provider
 # Outputs are bounded too: a provider is outside our control.
 MAX_OUTPUT_SIDE = 4096
 MAX_OUTPUT_PIXELS = 40_000_000
-
-
-@contextlib.asynccontextmanager
-async def heartbeating(every_s: float):
-    """Heartbeat on a timer while the body awaits a slow call: a dead worker is noticed in
-    seconds, a slow provider is not mistaken for one."""
-
-    async def beat() -> None:
-        while True:
-            activity.heartbeat()
-            await asyncio.sleep(every_s)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class AiActivities:

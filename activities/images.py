@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import to_application_error
+from activities.heartbeat import heartbeating
 from atelier import deletion, works
 from atelier.blobstore import BlobStore, InvalidBlobKey
 from atelier.downloader import Downloader
@@ -169,16 +170,8 @@ class ImageActivities:
 @contextlib.asynccontextmanager
 async def _beating(progress: _Progress, every_s: float):
     """Heartbeat with the current details on a timer while the body runs."""
-    async def beat() -> None:
-        while True:
-            progress.beat()
-            await asyncio.sleep(every_s)
-
-    task = asyncio.create_task(beat())
     try:
-        yield
+        async with heartbeating(every_s, beat=progress.beat):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         progress.beat()  # the last word: what a retry may keep
