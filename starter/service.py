@@ -217,6 +217,17 @@ async def _read_known_running(client: Client, task_id: str, known: KnownGenerati
     return GenerationState(view, known.user_id, True, "query")
 
 
+async def _describe_if_exists(handle: WorkflowHandle) -> WorkflowExecutionDescription | None:
+    """The workflow's description, or None if there is no such workflow (NOT_FOUND, or
+    INVALID_ARGUMENT: an id the server cannot even look up)."""
+    try:
+        return await handle.describe()
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+
+
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None,
                           admission_queue: str = DEFAULT_TASK_QUEUE,
                           known: KnownGenerations | None = None) -> GenerationState | None:
@@ -234,12 +245,9 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
         known.forget(task_id)
         query_failed = read is not None  # no second query timeout below
     handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
-    try:
-        desc = await handle.describe()
-    except RPCError as err:
-        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-            return None
-        raise
+    desc = await _describe_if_exists(handle)
+    if desc is None:
+        return None
     attrs = desc.typed_search_attributes
     user_id = attrs.get(USER_KEY) or ""
     kind = attrs.get(KIND_KEY) or ""
@@ -435,13 +443,8 @@ def _summary(execution: WorkflowExecution) -> GenerationSummary:
 
 async def describe_generation(client: Client, task_id: str) -> GenerationSummary | None:
     """One describe call: owner, kind and status of a generation, or None if there is none."""
-    try:
-        desc = await client.get_workflow_handle(task_id).describe()
-    except RPCError as err:
-        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-            return None
-        raise
-    if desc.workflow_type != WORKFLOW_TYPE:
+    desc = await _describe_if_exists(client.get_workflow_handle(task_id))
+    if desc is None or desc.workflow_type != WORKFLOW_TYPE:
         return None
     return _summary(desc)
 
@@ -565,13 +568,8 @@ async def read_events(client: Client, task_id: str, after_seq: int) -> EventsRea
     from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
 
     handle = client.get_workflow_handle(task_id)
-    try:
-        desc = await handle.describe()
-    except RPCError as err:
-        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-            return None
-        raise
-    if desc.workflow_type != WORKFLOW_TYPE:
+    desc = await _describe_if_exists(handle)
+    if desc is None or desc.workflow_type != WORKFLOW_TYPE:
         return None
     attrs = desc.typed_search_attributes
     user_id = attrs.get(USER_KEY) or ""
