@@ -88,6 +88,29 @@ def watched_id(page) -> str:
     return match.group(1)
 
 
+async def create_from_the_photo(page) -> str:
+    """On the create page: add the person photo, send the form, wait for the watch page; the new
+    generation's id."""
+    await page.set_input_files("#file-photos", str(PERSON))
+    await page.wait_for_selector(".preview:not(.bad) img")
+    await page.click("button[type=submit]")
+    await page.wait_for_url(re.compile(r"#/g/"))
+    return watched_id(page)
+
+
+async def watching_a_slow_generation(studio_factory, *, credits_: int) -> tuple[Studio, str, object, str]:
+    """A studio whose AI call takes two minutes and a new user with `credits_`, signed in on a page
+    that watches the user's new generation at its 'Creating your image' step:
+    (studio, the user's key, the page, the generation's id)."""
+    studio: Studio = await studio_factory(local_ai_delay_s=120.0)
+    _, key = await studio.new_user(credits_=credits_)
+    page = await studio.page()
+    await signed_in(page, key)
+    task_id = await create_from_the_photo(page)
+    await page.wait_for_selector(".stage-name:has-text('Creating your image')", timeout=30_000)
+    return studio, key, page, task_id
+
+
 async def no_horizontal_scroll(page, name: str) -> None:
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= PHONE["width"], f"{name}: the page is {width} px wide on a {PHONE['width']} px screen"
@@ -268,16 +291,7 @@ async def test_fitting_by_drag_and_drop_with_a_refused_file(studio_factory):
 
 
 async def test_cancel_ends_in_a_refund_shown_on_the_page(studio_factory):
-    studio: Studio = await studio_factory(local_ai_delay_s=120.0)
-    _, key = await studio.new_user(credits_=25)
-    page = await studio.page()
-    await signed_in(page, key)
-    await page.set_input_files("#file-photos", str(PERSON))
-    await page.wait_for_selector(".preview:not(.bad) img")
-    await page.click("button[type=submit]")
-    await page.wait_for_url(re.compile(r"#/g/"))
-    task_id = watched_id(page)
-    await page.wait_for_selector(".stage-name:has-text('Creating your image')", timeout=30_000)
+    studio, key, page, task_id = await watching_a_slow_generation(studio_factory, credits_=25)
     await page.wait_for_function("() => document.querySelector('.balance').textContent.includes('15 credits')")
 
     await page.click("button:has-text('Cancel and refund')")
@@ -325,16 +339,7 @@ async def test_not_enough_credits_says_how_many_are_needed(studio_factory):
 
 
 async def test_reload_and_a_new_tab_find_the_running_generation(studio_factory):
-    studio: Studio = await studio_factory(local_ai_delay_s=120.0)
-    _, key = await studio.new_user(credits_=40)
-    page = await studio.page()
-    await signed_in(page, key)
-    await page.set_input_files("#file-photos", str(PERSON))
-    await page.wait_for_selector(".preview:not(.bad) img")
-    await page.click("button[type=submit]")
-    await page.wait_for_url(re.compile(r"#/g/"))
-    task_id = watched_id(page)
-    await page.wait_for_selector(".stage-name:has-text('Creating your image')", timeout=30_000)
+    studio, key, page, task_id = await watching_a_slow_generation(studio_factory, credits_=40)
 
     await page.reload()
     await page.wait_for_selector(".stage-name:has-text('Creating your image')")
@@ -411,11 +416,7 @@ async def test_operator_token_creates_a_user_and_links_to_the_temporal_ui(studio
     await page.click("button:has-text('Continue as this user')")
     await page.wait_for_selector("#file-photos", state="attached")
     await page.wait_for_function("() => document.querySelector('.balance').textContent.includes('30 credits')")
-    await page.set_input_files("#file-photos", str(PERSON))
-    await page.wait_for_selector(".preview:not(.bad) img")
-    await page.click("button[type=submit]")
-    await page.wait_for_url(re.compile(r"#/g/"))
-    task_id = watched_id(page)
+    task_id = await create_from_the_photo(page)
     link = page.locator(".operator-link")
     await link.wait_for()
     settings = studio.harness.settings
