@@ -29,8 +29,19 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
 ]
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
+
+
+def _viewport(variable: str, default: dict) -> dict:
+    """A viewport from WIDTHxHEIGHT in `variable` (e.g. 1400x900 for the README's screenshots)."""
+    configured = os.environ.get(variable, "").strip()
+    if not configured:
+        return default
+    width, _, height = configured.lower().partition("x")
+    return {"width": int(width), "height": int(height)}
+
+
+DESKTOP = _viewport("ATELIER_STUDIO_DESKTOP", {"width": 1280, "height": 860})
+PHONE = _viewport("ATELIER_STUDIO_PHONE", {"width": 390, "height": 844})
 BROWSER_TESTS = "tests/test_studio.py"
 
 
