@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ def _viewport(variable: str, default: dict) -> dict:
     configured = os.environ.get(variable, "").strip()
     if not configured:
         return default
-    width, _, height = configured.lower().partition("x")
-    return {"width": int(width), "height": int(height)}
+    size = re.fullmatch(r"(\d{2,5})x(\d{2,5})", configured.lower())
+    if size is None:
+        raise ValueError(f"{variable}={configured!r}: expected WIDTHxHEIGHT, e.g. 1400x900")
+    return {"width": int(size[1]), "height": int(size[2])}
 
 
 DESKTOP = _viewport("ATELIER_STUDIO_DESKTOP", {"width": 1280, "height": 860})
