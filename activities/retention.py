@@ -1,4 +1,5 @@
-"""Retention: delete input images a while after their generation ended, and uploads nobody uses.
+"""Retention: delete input images a while after their generation ended, and uploads nobody uses;
+then sweep the blob store for blobs nobody holds (outputs that never became a work).
 
 The generation's state comes from Temporal (describe: running, or closed and when), the holders
 and the blobs from atelier.deletion. A running generation never loses its inputs."""
@@ -14,7 +15,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from atelier import deletion
 from atelier.blobstore import BlobStore
-from atelier.messages import RetentionRequest, RetentionResult
+from atelier.messages import RetentionRequest
+from atelier.retention_messages import CleanResult
 
 # A generation Temporal no longer knows (its history passed the namespace's retention) ended long ago.
 _LONG_AGO = datetime.min.replace(tzinfo=timezone.utc)
@@ -49,7 +51,7 @@ class RetentionActivities:
         return ended
 
     @activity.defn
-    async def clean_inputs(self, req: RetentionRequest) -> RetentionResult:
+    async def clean_inputs(self, req: RetentionRequest) -> CleanResult:
         cutoff = datetime.now(timezone.utc) - self.retention
         candidates = await deletion.input_tasks_before(self.engine, cutoff, limit=req.batch)
         ended = await self._ended_before(candidates, cutoff)
@@ -60,10 +62,25 @@ class RetentionActivities:
                                                   await self._ended_before(withdrawn, cutoff))
         uploads, deleted_uploads = await deletion.expire_uploads(self.engine, self.blobs, cutoff, limit=req.batch)
         deleted += deleted_uploads
+        swept = await self._sweep()
         activity.logger.info("retention: %d generation(s) released their inputs, %d withdrawn output set(s), "
-                             "%d upload(s) expired, %d blob(s) deleted", len(ended), len(withdrawn), uploads,
-                             len(deleted))
-        return RetentionResult(
-            generations_released=len(ended), uploads_deleted=uploads, blobs_deleted=len(deleted),
+                             "%d upload(s) expired, %d blob(s) deleted; sweep: %d file(s) examined, %d unheld "
+                             "blob(s) and %d leftover(s) deleted%s", len(ended), len(withdrawn), uploads,
+                             len(deleted), swept.examined, swept.deleted, swept.leftovers,
+                             " (store gone through, starting over)" if swept.wrapped else "")
+        return CleanResult(
+            generations_released=len(ended), uploads_deleted=uploads, blobs_deleted=len(deleted) + swept.deleted,
             more=(len(candidates) == req.batch and bool(ended)) or uploads == req.batch,
+            blobs_examined=swept.examined, unheld_blobs_deleted=swept.deleted, leftovers_deleted=swept.leftovers,
         )
+
+    async def _sweep(self) -> deletion.Swept:
+        """Blobs nobody holds, older than the input retention (at least an hour): see
+        deletion.sweep_unheld. A disk error here is logged, and never stops the input retention."""
+        try:
+            return await deletion.sweep_unheld(
+                self.engine, self.blobs, older_than_s=self.retention.total_seconds(),
+                beat=lambda examined: activity.heartbeat(f"sweep: {examined} file(s) examined"))
+        except OSError as err:
+            activity.logger.warning("retention: the sweep of unheld blobs failed, next run tries again: %s", err)
+            return deletion.Swept()

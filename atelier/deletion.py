@@ -9,6 +9,8 @@ The ledger is never touched: it holds amounts and reasons, no prompts and no ima
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -205,3 +207,83 @@ async def erase_user(engine: AsyncEngine, blobs: BlobStore, user_id: str) -> Era
         await conn.execute(delete(blob_refs).where(blob_refs.c.user_id == user_id))
         await conn.execute(delete(idempotency_keys).where(idempotency_keys.c.user_id == user_id))
     return Erased(erased_works, uploads, inputs, await collect(engine, blobs, keys))
+
+
+# ---- the sweep: blobs nobody holds --------------------------------------------------------
+
+# Files one sweep call looks at (each a stat, the old ones a holder lookup, the unheld old ones a
+# write transaction and an unlink): seconds on a local disk, heartbeating as it goes. The scan
+# goes on from where the last call stopped (kept in the store: BlobStore.sweep_position), so a
+# store of any size is gone through, this many files per call.
+SWEEP_FILES = 2000
+# Never younger than this, whatever the input retention says.
+MIN_SWEEP_AGE_S = 3600.0
+
+
+@dataclass
+class Swept:
+    examined: int = 0
+    deleted: int = 0        # blobs (each with its thumbnails)
+    leftovers: int = 0      # thumbnails of deleted blobs, temporary files of crashed writes
+    wrapped: bool = False   # this call reached the end of the store (the next one starts over)
+
+
+async def _held(engine: AsyncEngine, keys: list[str]) -> set[str]:
+    held: set[str] = set()
+    async with reading(engine) as conn:
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            held.update((await conn.execute(select(blob_refs.c.blob_key).where(
+                blob_refs.c.blob_key.in_(chunk)).distinct())).scalars())
+    return held
+
+
+async def sweep_unheld(engine: AsyncEngine, blobs: BlobStore, *, older_than_s: float, limit: int = SWEEP_FILES,
+                       beat=lambda examined: None) -> Swept:
+    """Delete the blobs that no row of `blob_refs` holds and that were last stored more than
+    `older_than_s` ago (at least MIN_SWEEP_AGE_S), with their thumbnails; looks at `limit` files
+    of the store, going on from where the last call stopped.
+
+    What it finds: outputs an AI attempt stored whose result never became a work (the worker died
+    after storing, the save failed for good, an attempt was retried), and any other bytes whose
+    holder never got recorded. Everything the product keeps has a holder (an upload, a
+    generation's inputs, a work's outputs): held blobs are never deleted, whatever their age.
+
+    The age is the race guard. A generation stores its outputs (activities/ai.py, call_ai) with
+    no holder, and records the holder a moment later when save_work saves the work (the next
+    activity: seconds, a few quick retries at most); an upload and a download record theirs right
+    after storing. A blob stored less than an hour (and the input retention) ago is never taken
+    here, so an output stored a moment ago and about to be saved stays; only a save held up longer
+    than that (every worker down for over an hour between the two steps) could find its image
+    gone. Storing bytes that are already there makes them young again (BlobStore.put), so a new
+    generation whose output has the bytes of an old stranded one keeps them; and
+    BlobStore.delete_if_older reads the time again after moving the blob aside, so a store racing
+    the deletion wins. The holder count and the deletion share one write transaction (on SQLite
+    nothing can add a holder in between, as in `collect`)."""
+    cutoff = time.time() - max(MIN_SWEEP_AGE_S, older_than_s)
+    after = await asyncio.to_thread(blobs.sweep_position)
+    found, position = await asyncio.to_thread(blobs.scan, after, limit)
+    swept = Swept(examined=len(found), wrapped=position == "")
+    beat(swept.examined)
+    old = [f for f in found if f.mtime < cutoff]
+    owners = {f.name: (f.name if f.is_blob else blobs.blob_of_thumbnail(f.name)) for f in old}
+    held = await _held(engine, sorted({k for k in owners.values() if k}))
+    for n, f in enumerate(old):
+        if n and n % 100 == 0:
+            beat(swept.examined)
+        owner = owners[f.name]
+        if owner in held:
+            continue  # a held blob, or a thumbnail of one: kept whatever its age
+        if f.is_blob:
+            async with engine.begin() as conn:
+                count = (await conn.execute(select(func.count()).select_from(blob_refs)
+                                            .where(blob_refs.c.blob_key == f.name))).scalar_one()
+                if count == 0 and await asyncio.to_thread(blobs.delete_if_older, f.name, cutoff):
+                    swept.deleted += 1
+        elif owner is None or not blobs.exists(owner):
+            # A temporary file left by a crashed write, or a thumbnail whose blob is gone (an old
+            # unheld blob takes its thumbnails with it; these are what a race left behind).
+            if await asyncio.to_thread(blobs.unlink_if_older, f.path, cutoff):
+                swept.leftovers += 1
+    await asyncio.to_thread(blobs.set_sweep_position, position)
+    return swept

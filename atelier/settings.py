@@ -225,7 +225,9 @@ DESCRIPTIONS = {
     "events_poll_s": "how often the progress stream asks the workflow for changes (its `events` query)",
     "events_keepalive_s": "seconds between keep-alive comments on an idle progress stream",
     "input_retention_hours": "input images (uploads and downloaded inputs) are deleted this long after the "
-                             "generation that used them ended (unused uploads: after their upload)",
+                             "generation that used them ended (unused uploads: after their upload); images "
+                             "nobody holds (outputs that never became a work) this long after they were "
+                             "stored, never under an hour",
     "retention_interval_s": "how often the retention schedule runs its clean-up workflow",
     "temporal_ui_url": "base URL of the Temporal Web UI; the web studio links operators to each generation's history there",
 }

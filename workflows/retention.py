@@ -1,6 +1,8 @@
 """RetentionWorkflow: one clean-up run, started by the retention Schedule (visible in the Temporal
 UI as `atelier-retention-<task queue>`): inputs of generations that ended more than
-ATELIER_INPUT_RETENTION_HOURS ago, and uploads no generation holds, are deleted."""
+ATELIER_INPUT_RETENTION_HOURS ago, and uploads no generation holds, are deleted; each
+clean_inputs call also sweeps part of the blob store for blobs nobody holds (see
+atelier/deletion.py, sweep_unheld: the activity does it, this workflow's commands are unchanged)."""
 
 from __future__ import annotations
 
