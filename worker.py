@@ -49,7 +49,7 @@ from atelier.catalogue import ModelEntry, load_catalogue
 from atelier.db import create_engine
 from atelier.downloader import Downloader, UrlGuard, build_http_client
 from atelier.links import signer_from
-from atelier.messages import RetentionRequest
+from atelier.messages import RetentionRequest, admission_task_queue
 from atelier.providers import build_providers
 from atelier.providers.base import Provider
 from atelier.settings import Settings, load_settings
@@ -105,7 +105,7 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     s = deps.settings
     task_queue = task_queue or s.task_queue
     ai_task_queue = ai_task_queue or s.ai_task_queue
-    ai = AiActivities(deps.engine, deps.blobs, deps.providers)
+    ai = AiActivities(deps.engine, deps.blobs, deps.providers, client)
     admission = AdmissionActivities(client, task_queue=task_queue, aging_s=s.admission_aging_s,
                                     check_every_s=s.admission_check_s)
     short = [
@@ -140,6 +140,15 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
             max_concurrent_activities=s.max_concurrent_activities + (s.max_concurrent_ai_calls if same_queue else 0),
             max_concurrent_workflow_tasks=s.max_concurrent_workflow_tasks,
             max_cached_workflows=s.max_cached_workflows,
+            graceful_shutdown_timeout=timedelta(seconds=10),
+            **common,
+        ))
+    if only in ("all", "main"):
+        # The admission workflows on a queue of their own (see atelier.messages.admission_task_queue).
+        # The main worker above still runs any started on the main queue before this queue existed.
+        workers.append(Worker(
+            client, task_queue=admission_task_queue(task_queue), workflows=[ModelAdmissionWorkflow],
+            activities=[admission.check_holders],
             graceful_shutdown_timeout=timedelta(seconds=10),
             **common,
         ))

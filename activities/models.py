@@ -31,8 +31,7 @@ class ModelActivities:
         declared = best.max_concurrent is not None or best.per_minute is not None
         return ModelChoice(model=best.name, provider=best.provider, priority=best.priority,
                            max_concurrent=best.max_concurrent, per_minute=best.per_minute,
-                           # Calls queue for admission where a quota is declared. A model with none
-                           # does not: under the long chaos run (500 generations, random 429s, worker
-                           # kills) learning an undeclared limit starved the line (docs/quotas.md);
-                           # its 429s are still waited out by the workflow, never failures.
-                           admission=declared)
+                           # Calls queue for admission where a quota is declared, and for every
+                           # remote provider (an undeclared quota is learned from crowds of 429s;
+                           # docs/quotas.md). The local compositor without a quota does not.
+                           admission=declared or best.provider != "local")

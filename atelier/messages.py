@@ -334,6 +334,10 @@ class AiRequest:
     style: str = ""
     images: list[StoredImage] = field(default_factory=list)
     parameters: dict[str, str] = field(default_factory=dict)
+    # The admission slot this attempt holds (empty: none). The activity gives it back itself the
+    # moment the provider answers, before storing the outputs and without a workflow task.
+    slot_ticket: str = ""
+    admission_workflow_id: str = ""
 
 
 @dataclass
@@ -342,6 +346,8 @@ class AiOutput:
     model: str = ""
     provider: str = ""
     text: str = ""
+    # True when the activity released its admission slot itself (the workflow need not).
+    slot_released: bool = False
 
 
 @dataclass
@@ -401,6 +407,12 @@ class NotifyResult:
 # ---- model admission (workflows/admission.py) -------------------------------------------
 
 ADMISSION_WORKFLOW_TYPE = "ModelAdmissionWorkflow"
+
+
+def admission_task_queue(task_queue: str = DEFAULT_TASK_QUEUE) -> str:
+    """The task queue the admission workflows of a deployment run on: their own, so that a slot's
+    hand-over never waits behind a burst of generation tasks on the main queue."""
+    return f"{task_queue}-admission"
 
 
 def admission_workflow_id(model: str, task_queue: str = DEFAULT_TASK_QUEUE) -> str:
@@ -474,6 +486,9 @@ class AdmissionState:
     # What 429s taught (None: the declared limit, or the undeclared start).
     learned_limit: float | None = None
     decreased_at_serial: int = 0
+    # The outcomes of the last calls (1: the provider answered 429, 0: it served): a decrease
+    # needs a share of 429s, not one 429 (a provider also answers 429 now and then at random).
+    recent_busy: list[int] = field(default_factory=list)
     waiting: list[SlotRequest] = field(default_factory=list)
     holders: list[SlotHolder] = field(default_factory=list)
     recent_starts: list[float] = field(default_factory=list)

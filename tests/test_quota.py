@@ -197,3 +197,80 @@ async def test_a_grant_applied_before_the_generation_asks_is_kept(harness_factor
             images.stop()
     assert result.status == "completed"
     assert await h.ledger(handle.id) == (10, 0)
+
+
+def _signals_sent(history) -> list[str]:
+    """The signal names a workflow's history shows it sending with a signal command."""
+    from temporalio.api.enums.v1 import EventType
+
+    return [e.signal_external_workflow_execution_initiated_event_attributes.signal_name for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED]
+
+
+async def test_the_ai_call_gives_its_slot_back_itself_and_admission_has_its_own_queue(harness_factory, tmp_path):
+    """The hand-over of a slot, shortened: the AI activity releases its slot the moment the
+    provider answers (no release command, no extra task of the generation), and the admission
+    workflow runs on a task queue of its own (its tasks never wait behind generation tasks)."""
+    from atelier.messages import admission_task_queue
+
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.set_quota(max_in_flight=1, call_s=0.3, retry_after="1")
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=1)
+        user = await h.user(100)
+        images = await photo(h, user)
+        async with h.worker():
+            handles = [await h.start(user, "photography", images, prompt=f"one of four {i}") for i in range(4)]
+            results = await asyncio.wait_for(asyncio.gather(*(x.result() for x in handles)), 120)
+            status = await admission_status(h)
+            admission = h.client.get_workflow_handle(admission_workflow_id(MODEL, h.settings.task_queue))
+            admission_queue = (await admission.describe()).task_queue
+            histories = [await x.fetch_history() for x in handles]
+        stats = fake.quota_stats()
+    assert [r.status for r in results] == ["completed"] * 4
+    assert stats.max_in_flight_seen == 1 and stats.busy_answers == 0
+    assert status.granted == 4 and status.in_flight == 0 and status.waiting == 0
+    # The durations the estimate averages came from the activity (the provider's own time).
+    assert status.mean_call_s is not None and 0.3 <= status.mean_call_s < 5
+    for history in histories:
+        assert "release_slot" not in _signals_sent(history)
+    assert admission_queue == admission_task_queue(h.settings.task_queue) != h.settings.task_queue
+    for handle in handles:
+        assert await h.ledger(handle.id) == (10, 0)
+
+
+async def test_a_release_the_ai_call_cannot_deliver_is_left_to_the_workflow(harness_factory, tmp_path):
+    """When the AI activity cannot reach the admission workflow, the call still succeeds and says
+    it did not release the slot: the workflow releases it (and the lease stays behind that)."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.ai import AiActivities
+    from atelier.messages import AiRequest
+    from atelier.providers.base import GeneratedImage
+
+    class OneImage:
+        name = "stub"
+
+        async def generate(self, request):
+            return [GeneratedImage(data=fake_images.png(64, 64), mime_type="image/png")]
+
+        async def aclose(self):
+            return None
+
+    h = await harness_factory()
+    user = await h.user(0)
+    stored = await store_input(h, user)
+    request = AiRequest(task_id="t-release", user_id=user, kind="photography", model="m", provider="stub",
+                        prompt="p", images=[stored], slot_ticket="t-release:1",
+                        admission_workflow_id="admission-no-such-model@nowhere")
+    env = ActivityEnvironment()
+    with_client = await env.run(AiActivities(h.engine, h.deps.blobs, {"stub": OneImage()}, h.client).call_ai, request)
+    without_client = await env.run(AiActivities(h.engine, h.deps.blobs, {"stub": OneImage()}).call_ai, request)
+    assert len(with_client.images) == 1 and with_client.slot_released is False
+    assert len(without_client.images) == 1 and without_client.slot_released is False
+
+
+async def store_input(h, user_id: str):
+    from atelier.images import store_image
+
+    return await store_image(h.deps.blobs, fake_images.jpeg(64, 48), max_side=h.settings.max_image_side,
+                             max_pixels=h.settings.max_image_pixels)

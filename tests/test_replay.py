@@ -40,8 +40,10 @@ def load(name: str) -> WorkflowHistory:
 
 # The waiting path of model admission (recorded by test_record_admission_histories): a generation
 # that waited in line, one that waited out 429s, one canceled in line, and the admission workflow.
-# admission/ before the model-admission-local-request patch, admission/local/ after it.
-ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local")
+# admission/ before the model-admission-local-request patch, admission/local/ after it,
+# admission/released/ since the AI activity gives its slot back itself (no release signal command
+# after a call that did; the admission workflow on its own task queue).
+ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local", "admission/released")
                        for name in ("waited_in_line", "busy_then_ok", "canceled_in_line", "admission_workflow")]
 
 
@@ -166,7 +168,7 @@ async def test_record_admission_histories(harness_factory, tmp_path):
 
     from atelier.messages import admission_workflow_id
 
-    folder = HISTORIES / "admission" / "local"
+    folder = HISTORIES / "admission" / "released"
     folder.mkdir(parents=True, exist_ok=True)
 
     async def save(handle, name):

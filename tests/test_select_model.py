@@ -71,5 +71,5 @@ async def test_the_choice_carries_the_declared_quota_and_whether_calls_queue(eng
     for exclude in ([], ["quota"], ["quota", "free"], ["quota", "free", "local-quota"]):
         choices.append(await a.select_model(SelectModelRequest(kind="photography", exclude=exclude)))
     assert [(c.model, c.max_concurrent, c.per_minute, c.admission) for c in choices] == [
-        ("quota", 4, 30, True), ("free", None, None, False),  # undeclared: 429s waited out, no line
+        ("quota", 4, 30, True), ("free", None, None, True),  # undeclared: learned from crowds of 429s
         ("local-quota", 2, None, True), ("local", None, None, False)]

@@ -32,6 +32,13 @@ UNDECLARED_MAX = 256
 DURATIONS_KEPT = 20
 DONE_KEPT = 2000
 WINDOW_S = 60.0
+# The limit halves on a 429 only when 429s are at least this share of the last OUTCOMES_KEPT
+# calls (and at least BUSY_MIN of them): a quota really exceeded answers a crowd of 429s, while a
+# provider answering one call in twelve with 429 at random (as the chaos run's does) would
+# otherwise halve the limit over and over and starve the line (docs/quotas.md).
+OUTCOMES_KEPT = 20
+BUSY_SHARE = 0.25
+BUSY_MIN = 2
 
 
 @dataclass
@@ -173,16 +180,27 @@ class Admission:
 
     # ---- learning (AIMD) ------------------------------------------------------------------
 
+    def _outcome(self, busy: bool) -> float:
+        """Record one call's outcome; the share of 429s among the recent ones."""
+        recent = self.state.recent_busy
+        recent.append(1 if busy else 0)
+        del recent[:-OUTCOMES_KEPT]
+        return sum(recent) / len(recent)
+
     def _learn_busy(self, holder: SlotHolder) -> None:
         s = self.state
         s.busy += 1
+        share = self._outcome(True)
         if holder.serial <= s.decreased_at_serial:
             return  # granted before the last decrease: that decrease already answered this crowd
+        if share < BUSY_SHARE or sum(s.recent_busy) < BUSY_MIN:
+            return  # a stray 429, not a quota: waited out by its generation, the limit stays
         s.learned_limit = max(1.0, self.limit() / 2)
         s.decreased_at_serial = s.serial
 
     def _learn_ok(self) -> None:
         s = self.state
+        self._outcome(False)
         if s.learned_limit is None:
             return
         s.learned_limit += 1.0 / max(1.0, s.learned_limit)
@@ -248,6 +266,9 @@ class Admission:
 
     def is_waiting(self, ticket: str) -> bool:
         return ticket in self._waiting
+
+    def is_holder(self, ticket: str) -> bool:
+        return ticket in self._holders
 
     def holders(self) -> list[SlotHolder]:
         return list(self._holders.values())

@@ -510,10 +510,18 @@ class GenerationWorkflow:
                                non_retryable=True)
 
     @staticmethod
-    def _ai_request(req: GenerationRequest, downloaded, choice: ModelChoice) -> AiRequest:
+    def _ai_request(req: GenerationRequest, downloaded, choice: ModelChoice,
+                    slot: tuple[str, str] = ("", "")) -> AiRequest:
         return AiRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=choice.model, provider=choice.provider,
                          prompt=req.prompt, style=req.style, images=downloaded.images,
-                         parameters=dict(req.parameters))
+                         parameters=dict(req.parameters), slot_ticket=slot[0], admission_workflow_id=slot[1])
+
+    def _slot_ref(self, choice: ModelChoice) -> tuple[str, str]:
+        """The slot this attempt holds and the admission workflow it came from (empty: none)."""
+        s = self._slot
+        if s.ticket is None:
+            return "", ""
+        return s.ticket, s.admission_ids.get(choice.model) or admission_workflow_id(choice.model, workflow.info().task_queue)
 
     async def _call_model(self, req: GenerationRequest, downloaded, choice: ModelChoice) -> AiOutput:
         """Attempts on one model, each one activity that the workflow records. A busy provider
@@ -532,7 +540,7 @@ class GenerationWorkflow:
             try:
                 output: AiOutput = await workflow.execute_activity_method(
                     AiActivities.call_ai,
-                    self._ai_request(req, downloaded, choice),
+                    self._ai_request(req, downloaded, choice, slot=self._slot_ref(choice)),
                     task_queue=req.ai_task_queue or None,
                     start_to_close_timeout=seconds(t.ai_start_to_close_s),
                     schedule_to_start_timeout=seconds(t.ai_schedule_to_start_s),
@@ -566,6 +574,11 @@ class GenerationWorkflow:
                 await workflow.sleep(
                     wait, summary=f"{choice.model} failed ({record.error_code}): attempt {failures + 1} in {wait:.0f} s")
                 continue
+            if output.slot_released:
+                # The activity gave the slot back when the provider answered. Deterministic
+                # without a patch: decided by the result recorded in history (older results
+                # carry False, and their histories go on signalling the release below).
+                self._slot.ticket = None
             self._end_attempt(req, choice, record, started, "succeeded")
             return output
 
