@@ -4,7 +4,6 @@ store the output images and return their references."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
