@@ -32,6 +32,9 @@ def _rows(report: ChaosReport) -> list[tuple[str, str]]:
         ("histories replayed", str(report.histories_replayed)),
         ("invariant violations", str(len(report.violations))),
     ]
+    for model, a in report.admission.items():
+        rows.insert(-1, (f"admission of {model}", f"{a['granted']} slots granted, {a['busy']} 429s heard, "
+                                                  f"limit {a['limit']} at the end, {a['reclaimed']} taken back"))
     if c.get("quota") is not None:
         rows.insert(-1, ("quota: most calls in flight / 429s from the quota",
                          f"{report.provider_max_in_flight} (allowed {2 * c['quota']}) / {report.provider_quota_429s}"))

@@ -150,6 +150,8 @@ class ChaosReport:
     # Quota phase: the most calls the provider saw at once, and the 429s its quota answered.
     provider_max_in_flight: int = 0
     provider_quota_429s: int = 0
+    # Per model: what its admission workflow did (granted slots, 429s it heard, its limit now).
+    admission: dict[str, dict] = field(default_factory=dict)
     violations: list[dict] = field(default_factory=list)
     work_dir: str = ""
     # One line per submission: index, user, kind, task id, how the API answered, how it ended.
@@ -480,6 +482,23 @@ class ChaosRun:
             s.final, s.error_code = states[s.task_id].status, states[s.task_id].error_code
         return ledger, replayed
 
+    async def _admission_stats(self) -> dict[str, dict]:
+        """What each catalogue model's admission workflow says at the end (absent: none ran)."""
+        from atelier.messages import admission_workflow_id
+        from workflows.admission import ModelAdmissionWorkflow
+
+        assert self.client is not None
+        found: dict[str, dict] = {}
+        for model in QUOTA_MODELS:
+            handle = self.client.get_workflow_handle(admission_workflow_id(model, f"chaos-{self.run_id}"))
+            try:
+                st = await asyncio.wait_for(handle.query(ModelAdmissionWorkflow.status), 30)
+            except Exception:  # noqa: BLE001 - no admission workflow for this model
+                continue
+            found[model] = {"granted": st.granted, "busy": st.busy, "reclaimed": st.reclaimed, "limit": st.limit,
+                            "learned_limit": st.learned_limit, "in_flight": st.in_flight, "waiting": st.waiting}
+        return found
+
     async def _check_webhooks(self, accepted: list[Submission], states, timeout_s: float = 60.0
                               ) -> tuple[list[Violation], int]:
         """Every generation that asked for a webhook gets a signed delivery of its final state
@@ -564,6 +583,7 @@ class ChaosRun:
                             task.cancel()
                 supervisor.cancel()
                 ledger, report.histories_replayed = await self._audit(accepted)
+                report.admission = await self._admission_stats()
                 # The processes must still be up after all of it.
                 for p in [self.api, *self.workers]:
                     if not p.alive:
