@@ -502,7 +502,7 @@ class AdmissionState:
     check_every_s: float = 30.0
     # Continue-as-new past this many history events, or when the server suggests it (0: only
     # then). Kept small: a history replayed after an eviction must replay quickly.
-    max_history_events: int = 2000
+    max_history_events: int = 4000
     # Counters for metrics and tests.
     granted: int = 0
     busy: int = 0
