@@ -489,6 +489,8 @@ class AdmissionState:
     # The outcomes of the last calls (1: the provider answered 429, 0: it served): a decrease
     # needs a share of 429s, not one 429 (a provider also answers 429 now and then at random).
     recent_busy: list[int] = field(default_factory=list)
+    # The most calls in flight since the last decrease: a crowd of 429s halves this.
+    peak_in_flight: int = 0
     waiting: list[SlotRequest] = field(default_factory=list)
     holders: list[SlotHolder] = field(default_factory=list)
     recent_starts: list[float] = field(default_factory=list)

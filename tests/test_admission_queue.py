@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from atelier.messages import AdmissionState, SlotRequest
-from workflows.admission_queue import UNDECLARED_START, Admission
+from workflows.admission_queue import UNDECLARED_OPEN, UNDECLARED_START, Admission
 
 
 def req(ticket: str, user: str, at: float, *, priority: str = "normal", max_concurrent: int | None = 1,
@@ -112,32 +114,45 @@ def test_429_below_the_quota_halves_the_limit_once_per_crowd_then_grows_back():
     assert a.limit() == 8 and a.state.learned_limit is None
 
 
-def test_undeclared_quota_starts_small_and_learns():
+def test_undeclared_quota_starts_open_and_learns_half_of_what_was_in_flight():
     a = Admission(AdmissionState(model="m"))
+    for i in range(20):
+        a.request(req(f"t{i}", "u", at=i, max_concurrent=None))
+    grants = a.grant_what_fits(now=100)
+    assert len(grants) == 20 and a.limit() == UNDECLARED_OPEN  # no limit of ours until 429s teach one
+    a.release(grants[0].request.ticket, "busy", None, now=101)
+    assert a.limit() == UNDECLARED_OPEN  # one 429 alone is no evidence of a quota
+    a.release(grants[1].request.ticket, "busy", None, now=101)
+    assert a.limit() == 10  # half the 20 that were in flight
+
+
+def test_histories_before_the_crowd_rules_keep_the_old_ones():
+    """An admission workflow recorded before the patch replays with the rules it ran with:
+    an undeclared model at 8, and a single 429 halving the limit."""
+    a = Admission(AdmissionState(model="m"), from_crowds=False)
     for i in range(20):
         a.request(req(f"t{i}", "u", at=i, max_concurrent=None))
     grants = a.grant_what_fits(now=100)
     assert len(grants) == UNDECLARED_START
     a.release(grants[0].request.ticket, "busy", None, now=101)
-    assert a.limit() == UNDECLARED_START  # one 429 alone is no evidence of a quota
-    a.release(grants[1].request.ticket, "busy", None, now=101)
     assert a.limit() == UNDECLARED_START // 2
 
 
-def test_stray_429s_at_random_do_not_starve_the_line():
+@pytest.mark.parametrize("declared", [8, None])
+def test_stray_429s_at_random_do_not_starve_the_line(declared):
     """The long chaos run's provider answers one call in twelve with 429 whatever the load: the
     limit must stay where it is (before, each stray 429 halved it, down to 1)."""
     a = Admission(AdmissionState(model="m"))
     n = 0
     for round_ in range(60):
-        for i in range(UNDECLARED_START):
-            a.request(req(f"r{round_}-{i}", f"u{i}", at=round_ * 10 + i, max_concurrent=None))
+        for i in range(8):
+            a.request(req(f"r{round_}-{i}", f"u{i}", at=round_ * 10 + i, max_concurrent=declared))
         grants = a.grant_what_fits(now=round_ * 10 + 9)
-        assert len(grants) == UNDECLARED_START, f"round {round_}: limit fell to {a.limit()}"
+        assert len(grants) == 8, f"round {round_}: limit fell to {a.limit()}"
         for g in grants:
             n += 1
             a.release(g.request.ticket, "busy" if n % 12 == 0 else "ok", 1.0, now=round_ * 10 + 9.5)
-    assert a.state.busy == n // 12 and a.limit() == UNDECLARED_START
+    assert a.state.busy == n // 12 and a.limit() == (declared or UNDECLARED_OPEN)
 
 
 def test_a_quota_really_exceeded_halves_the_limit_until_429s_stop():
@@ -146,7 +161,7 @@ def test_a_quota_really_exceeded_halves_the_limit_until_429s_stop():
     a = Admission(AdmissionState(model="m"))
     limits, calls = [], 0
     for round_ in range(40):
-        for i in range(UNDECLARED_START):
+        for i in range(8):
             a.request(req(f"r{round_}-{i}", "u", at=round_ * 10 + i, max_concurrent=None))
         grants = a.grant_what_fits(now=round_ * 10 + 9)
         for k, g in enumerate(grants):
@@ -155,7 +170,7 @@ def test_a_quota_really_exceeded_halves_the_limit_until_429s_stop():
         limits.append(a.limit())
     # Down at once, then a sawtooth around the quota: never back up to the start, and 429s a
     # small share of calls (without learning: 5 of every 8).
-    assert limits[0] == UNDECLARED_START // 2 and min(limits) <= 3
+    assert limits[0] == 4 and min(limits) <= 3  # half of the 8 in flight
     assert max(limits[1:]) <= 2 * 3 and a.state.busy / calls < 0.3, (limits, a.state.busy, calls)
 
 

@@ -42,6 +42,9 @@ SIGNAL_QUEUE_UPDATE = "queue_update"
 # the generation, for a number that is stale at once (the API asks the live one).
 MAX_LINE_FOR_UPDATES = 100
 MAX_PENDING_UPDATES = 100
+# Learning from crowds of 429s (not each one), halving the calls in flight, an undeclared model
+# open until it learns (workflows/admission_queue.py); runs recorded before it keep the old rules.
+PATCH_LEARNING_FROM_CROWDS = "admission-learning-from-crowds"
 # At most this many generations are described per holder check.
 CHECK_BATCH = 200
 
@@ -105,6 +108,7 @@ class ModelAdmissionWorkflow:
     @workflow.run
     async def run(self, state: AdmissionState) -> None:
         a = self._admission
+        a.from_crowds = workflow.patched(PATCH_LEARNING_FROM_CROWDS)
         while True:
             now = self._now()
             for holder in a.expired(now):

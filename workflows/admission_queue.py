@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from atelier.messages import AdmissionState, Priority, SlotHolder, SlotRequest
 
 LANES = {Priority.HIGH.value: 0, Priority.NORMAL.value: 1, Priority.LOW.value: 2}
-# A model that declares no quota starts with this many calls in flight and learns from 429s.
+# A model that declares no quota has no limit of ours (the workers' own slots bound its calls)
+# until a crowd of 429s teaches one: half the calls that were in flight when it came.
+UNDECLARED_OPEN = 10_000
+# Before the patch "admission-learning-from-crowds" (histories recorded before it replay with
+# these rules): an undeclared model started at 8, and every 429 halved the limit.
 UNDECLARED_START = 8
-# An undeclared limit never grows past this: a runaway learner is a storm again.
+# A learned limit that grows back to this opens again (for a declared quota: to the declared one).
 UNDECLARED_MAX = 256
 # How many recent call durations the estimate averages, and how many finished tickets are
 # remembered so that a late duplicate request is not queued again.
@@ -63,6 +67,9 @@ class Admission:
     _waiting: dict[str, SlotRequest] = field(default_factory=dict)
     _holders: dict[str, SlotHolder] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
+    # The learning rules: from crowds of 429s and the calls in flight, an undeclared model open
+    # (True); or the rules before that (False: histories recorded before them replay so).
+    from_crowds: bool = True
 
     def __post_init__(self) -> None:
         self._waiting = {r.ticket: r for r in self.state.waiting}
@@ -85,7 +92,7 @@ class Admission:
         s = self.state
         declared = s.max_concurrent if s.max_concurrent else None
         if s.learned_limit is None:
-            return declared or UNDECLARED_START
+            return declared or (UNDECLARED_OPEN if self.from_crowds else UNDECLARED_START)
         learned = max(1, math.floor(s.learned_limit))
         return min(learned, declared) if declared else learned
 
@@ -135,6 +142,7 @@ class Admission:
                 self.state.recent_starts.append(now)
             self.state.granted += 1
             grants.append(Grant(req, holder))
+        self.state.peak_in_flight = max(self.state.peak_in_flight, len(self._holders))
         return grants
 
     def release(self, ticket: str, outcome: str, duration_s: float | None, now: float) -> bool:
@@ -193,10 +201,16 @@ class Admission:
         share = self._outcome(True)
         if holder.serial <= s.decreased_at_serial:
             return  # granted before the last decrease: that decrease already answered this crowd
+        if not self.from_crowds:
+            s.learned_limit = max(1.0, self.limit() / 2)
+            s.decreased_at_serial = s.serial
+            return
         if share < BUSY_SHARE or sum(s.recent_busy) < BUSY_MIN:
             return  # a stray 429, not a quota: waited out by its generation, the limit stays
-        s.learned_limit = max(1.0, self.limit() / 2)
+        # Half of what was in flight when the crowd came (an open limit is no measure of that).
+        s.learned_limit = max(1.0, min(self.limit(), s.peak_in_flight or self.limit()) / 2)
         s.decreased_at_serial = s.serial
+        s.peak_in_flight = len(self._holders)
 
     def _learn_ok(self) -> None:
         s = self.state
@@ -206,7 +220,7 @@ class Admission:
         s.learned_limit += 1.0 / max(1.0, s.learned_limit)
         ceiling = s.max_concurrent or UNDECLARED_MAX
         if s.learned_limit >= ceiling:
-            s.learned_limit = None if s.max_concurrent else float(UNDECLARED_MAX)
+            s.learned_limit = None if (s.max_concurrent or self.from_crowds) else float(UNDECLARED_MAX)
 
     # ---- the fair order -----------------------------------------------------------------
 
