@@ -604,11 +604,13 @@ async def start_many(n: int, start_one: Callable[[int], Any], *, concurrency: in
 PROVIDERS = ("fake-gemini", "local")
 
 
-def start_fake_gemini(s: Stack, delay_s: float, name: str = "fake-gemini") -> tuple[ManagedProcess, str]:
+def start_fake_gemini(s: Stack, delay_s: float, name: str = "fake-gemini",
+                      extra_args: tuple[str, ...] = ()) -> tuple[ManagedProcess, str]:
     """The tests' fake Gemini REST server in its own process (its CPU is not the worker's):
-    a stand-in for a remote AI that answers after `delay_s` with a small PNG."""
+    a stand-in for a remote AI that answers after `delay_s` with a small PNG. `extra_args` go to
+    its command line (e.g. quota mode: `--quota N --retry-after S`)."""
     proc = ManagedProcess(name, [sys.executable, "-m", "tests.fakes.gemini_server", "--port", "0",
-                                 "--delay", str(delay_s)], env=clean_env(), log_dir=s.tmp).start()
+                                 "--delay", str(delay_s), *extra_args], env=clean_env(), log_dir=s.tmp).start()
     s.children.append(proc)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -43,6 +43,7 @@ from bench.common import (
     run_main,
     settings_env,
     small_jpeg,
+    start_fake_gemini,
     stack,
     start_many,
     summary,
@@ -163,19 +164,8 @@ def chart(results: dict, path: Path) -> Path:
 
 
 def start_quota_fake(s, quota: int, call_s: float) -> tuple[ManagedProcess, str]:
-    from bench.common import clean_env
-
-    proc = ManagedProcess("fake-gemini", [sys.executable, "-m", "tests.fakes.gemini_server", "--port", "0",
-                                          "--delay", str(call_s), "--quota", str(quota), "--retry-after", "1"],
-                          env=clean_env(), log_dir=s.tmp).start()
-    s.children.append(proc)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for line in proc.log_path.read_text(errors="replace").splitlines():
-            if "listening on " in line:
-                return proc, line.rsplit("listening on ", 1)[1].strip()
-        time.sleep(0.1)
-    raise RuntimeError(f"fake Gemini did not start:\n{proc.log_tail()}")
+    """The fake Gemini in quota mode: at most `quota` calls at once, 429 with Retry-After beyond."""
+    return start_fake_gemini(s, call_s, extra_args=("--quota", str(quota), "--retry-after", "1"))
 
 
 async def bench(args) -> None:
