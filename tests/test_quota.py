@@ -274,3 +274,47 @@ async def store_input(h, user_id: str):
 
     return await store_image(h.deps.blobs, fake_images.jpeg(64, 48), max_side=h.settings.max_image_side,
                              max_pixels=h.settings.max_image_pixels)
+
+
+async def test_a_canceled_call_keeps_its_slot_until_it_has_stopped(harness_factory, tmp_path):
+    """Cancel a generation while its AI call runs: the next one in line must not call the
+    provider until the canceled call's activity has stopped (before, the slot went to the next
+    at once while the first call ran on until its heartbeat brought the cancel)."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import WorkflowFailureError
+
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(MODEL, [Reply.slow(20.0), Reply.ok()])
+        h = await quota_harness(harness_factory, tmp_path, fake, max_concurrent=1)
+        # The activity hears a cancel with its next heartbeat sent, up to 8 s (0.8 of this) later:
+        # a window the next call in line could start in.
+        h.timeouts.ai_heartbeat_s = 10.0
+        user = await h.user(100)
+        images = await photo(h, user)
+        async with h.worker():
+            first = await h.start(user, "photography", images, prompt="the one canceled")
+            await fake.wait_for_requests(1, timeout_s=60)
+            second = await h.start(user, "photography", images, prompt="the one waiting")
+            await wait_for(lambda: _waiting_at_least(h, 1), timeout=60)
+            await first.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await asyncio.wait_for(first.result(), 60)
+            result = await asyncio.wait_for(second.result(), 60)
+            history = await first.fetch_history()
+    def at(e) -> float:
+        return e.event_time.seconds + e.event_time.nanos / 1e9
+
+    ai_calls = {e.event_id for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                and e.activity_task_scheduled_event_attributes.activity_type.name == "call_ai"}
+    ends = {EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+            EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+            EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+            EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes"}
+    stopped = [at(e) for e in history.events if e.event_type in ends
+               and getattr(e, ends[e.event_type]).scheduled_event_id in ai_calls]
+    calls = fake.requests_for(MODEL)
+    assert result.status == "completed" and len(calls) == 2
+    assert len(ai_calls) == 1 and stopped, "the canceled generation ended before its AI call stopped"
+    # Server and fake share this machine's clock; 0.25 s of slack for the two clocks' reading.
+    assert calls[1].at >= stopped[-1] - 0.25, (calls[1].at, stopped)
+    assert await h.ledger(first.id) == (10, 10) and await h.ledger(second.id) == (10, 0)

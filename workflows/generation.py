@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.workflow import ActivityCancellationType
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import (
     ActivityError,
@@ -114,6 +115,10 @@ PATCH_AI_ATTEMPTS = "ai-attempts-in-workflow"
 PATCH_MODEL_ADMISSION = "model-admission"
 # Joining a model's line is a local activity (it was a regular one).
 PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
+# A canceled (or out of time) AI attempt holding a slot keeps it until its activity has stopped:
+# the workflow waits for the activity to acknowledge the cancel, so the next call in line never
+# starts beside a call the worker is still making.
+PATCH_SLOT_HELD_UNTIL_CALL_STOPS = "slot-held-until-call-stops"
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
@@ -537,6 +542,7 @@ class GenerationWorkflow:
             record = AttemptRecord(model=choice.model, provider=choice.provider, started_at=workflow.now().isoformat())
             self._add_attempt(record)
             started = workflow.now()
+            hold = self._slot.ticket is not None and workflow.patched(PATCH_SLOT_HELD_UNTIL_CALL_STOPS)
             try:
                 output: AiOutput = await workflow.execute_activity_method(
                     AiActivities.call_ai,
@@ -546,6 +552,11 @@ class GenerationWorkflow:
                     schedule_to_start_timeout=seconds(t.ai_schedule_to_start_s),
                     heartbeat_timeout=seconds(t.ai_heartbeat_s),
                     retry_policy=policies.AI_ONE_ATTEMPT,
+                    # Holding a slot: a cancel waits until the activity has stopped (it hears the
+                    # cancel with its next heartbeat; a dead worker's call times out), so the
+                    # slot is not given to the next in line while this call still runs.
+                    cancellation_type=(ActivityCancellationType.WAIT_CANCELLATION_COMPLETED if hold
+                                       else ActivityCancellationType.TRY_CANCEL),
                     summary=f"Generate with {choice.model} ({choice.provider}), attempt {failures + 1}",
                 )
             except asyncio.CancelledError:
@@ -553,9 +564,13 @@ class GenerationWorkflow:
                 raise
             except ActivityError as err:
                 record.error_code, record.error = _error_code(err), _error_message(err)
-                if is_cancelled_exception(err):
+                if is_cancelled_exception(err) or (hold and self._ended_by is not None):
+                    # Canceled, or out of time, while the call ran: whatever the activity ended
+                    # with (canceled, timed out, failed), the generation stops here.
                     self._end_attempt(req, choice, record, started, "canceled")
-                    raise
+                    if is_cancelled_exception(err):
+                        raise
+                    raise asyncio.CancelledError() from None
                 if record.error_code == ErrorCode.PROVIDER_BUSY.value:
                     self._end_attempt(req, choice, record, started, "busy")
                     busy += 1
@@ -574,6 +589,11 @@ class GenerationWorkflow:
                 await workflow.sleep(
                     wait, summary=f"{choice.model} failed ({record.error_code}): attempt {failures + 1} in {wait:.0f} s")
                 continue
+            if hold and self._ended_by is not None:
+                # The call ended before the activity heard of the cancel: the generation stops
+                # all the same (the images it made are nobody's; the retention sweep takes them).
+                self._end_attempt(req, choice, record, started, "canceled")
+                raise asyncio.CancelledError()
             if output.slot_released:
                 # The activity gave the slot back when the provider answered. Deterministic
                 # without a patch: decided by the result recorded in history (older results
