@@ -526,7 +526,12 @@ class GenerationWorkflow:
         s = self._slot
         if s.ticket is None:
             return "", ""
-        return s.ticket, s.admission_ids.get(choice.model) or admission_workflow_id(choice.model, workflow.info().task_queue)
+        return s.ticket, self._admission_id(choice.model)
+
+    def _admission_id(self, model: str) -> str:
+        """The model's admission workflow: the id request_slot answered; else the one it would have
+        (a grant can arrive for a request whose answer this generation never saw)."""
+        return self._slot.admission_ids.get(model) or admission_workflow_id(model, workflow.info().task_queue)
 
     async def _call_model(self, req: GenerationRequest, downloaded, choice: ModelChoice) -> AiOutput:
         """Attempts on one model, each one activity that the workflow records. A busy provider
@@ -664,9 +669,7 @@ class GenerationWorkflow:
     def _send_release(self, model: str, ticket: str, outcome: str, duration_s: float | None) -> None:
         """Signal the release without waiting for it: the admission workflow's lease and holder
         check take the slot back should the signal be lost."""
-        # The id request_slot answered; else the one it would have (a grant can arrive for a
-        # request whose answer this generation never saw).
-        workflow_id = self._slot.admission_ids.get(model) or admission_workflow_id(model, workflow.info().task_queue)
+        workflow_id = self._admission_id(model)
 
         async def send() -> None:
             try:
