@@ -134,11 +134,14 @@ class Harness:
             await credits.grant(self.engine, user_id=new.user_id, amount=credits_, reason="test")
         return new.user_id
 
+    async def store(self, data: bytes):
+        """Convert and store an image with this world's bounds (no holder recorded): its StoredImage."""
+        return await store_image(self.deps.blobs, data, max_side=self.settings.max_image_side,
+                                 max_pixels=self.settings.max_image_pixels)
+
     async def upload(self, user_id: str, data: bytes) -> str:
         """Store an image as the API's upload route would, and return its file_id."""
-        image = await store_image(self.deps.blobs, data, max_side=self.settings.max_image_side,
-                                  max_pixels=self.settings.max_image_pixels)
-        return await works.record_upload(self.engine, user_id=user_id, image=image)
+        return await works.record_upload(self.engine, user_id=user_id, image=await self.store(data))
 
     def request(self, user_id: str, kind: str, images: list[ImageInput], **kw):
         kw.setdefault("timeouts", self.timeouts)

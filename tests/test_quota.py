@@ -258,7 +258,7 @@ async def test_a_release_the_ai_call_cannot_deliver_is_left_to_the_workflow(harn
 
     h = await harness_factory()
     user = await h.user(0)
-    stored = await store_input(h, user)
+    stored = await h.store(fake_images.jpeg(64, 48))
     request = AiRequest(task_id="t-release", user_id=user, kind="photography", model="m", provider="stub",
                         prompt="p", images=[stored], slot_ticket="t-release:1",
                         admission_workflow_id="admission-no-such-model@nowhere")
@@ -267,13 +267,6 @@ async def test_a_release_the_ai_call_cannot_deliver_is_left_to_the_workflow(harn
     without_client = await env.run(AiActivities(h.engine, h.deps.blobs, {"stub": OneImage()}).call_ai, request)
     assert len(with_client.images) == 1 and with_client.slot_released is False
     assert len(without_client.images) == 1 and without_client.slot_released is False
-
-
-async def store_input(h, user_id: str):
-    from atelier.images import store_image
-
-    return await store_image(h.deps.blobs, fake_images.jpeg(64, 48), max_side=h.settings.max_image_side,
-                             max_pixels=h.settings.max_image_pixels)
 
 
 async def test_a_canceled_call_keeps_its_slot_until_it_has_stopped(harness_factory, tmp_path):
