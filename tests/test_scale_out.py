@@ -130,3 +130,11 @@ async def test_operators_find_a_generation_by_its_search_attributes_with_named_a
     # Each step carries a readable summary for the UI.
     summaries = [e.get("userMetadata", {}).get("summary") for e in events if "activityTaskScheduledEventAttributes" in e]
     assert all(summaries), summaries
+    markers = [e for e in events if "markerRecordedEventAttributes" in e]
+    # One patch marker, so one TemporalChangeVersion upsert: each patch recorded costs the server
+    # a visibility write, and a generation used to record six to eight.
+    patches = [e for e in markers if e["markerRecordedEventAttributes"]["markerName"] == "core_patch"]
+    assert len(patches) == 1, patches
+    upserts = [e["upsertWorkflowSearchAttributesEventAttributes"] for e in events
+               if "upsertWorkflowSearchAttributesEventAttributes" in e]
+    assert sum("TemporalChangeVersion" in json.dumps(u) for u in upserts) == 1, upserts

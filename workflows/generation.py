@@ -119,6 +119,17 @@ PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
 # the workflow waits for the activity to acknowledge the cancel, so the next call in line never
 # starts beside a call the worker is still making.
 PATCH_SLOT_HELD_UNTIL_CALL_STOPS = "slot-held-until-call-stops"
+# Every change above, recorded once. The SDK writes each patch it records as a marker plus an
+# upsert of the TemporalChangeVersion search attribute (a visibility write on the server): a new
+# generation recorded 6 to 8 of them. It now records this one alone, and takes every patch above
+# as applied; histories without it replay down the old branches, each patch checked as before.
+# A change made later gets its own patch (checked with `_patched`), folded in here when the next
+# such bundle is cut.
+PATCH_CURRENT = "generation-2026-11"
+PATCHES_IN_CURRENT = frozenset({
+    PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
+    PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
+})
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
@@ -220,6 +231,7 @@ class GenerationWorkflow:
         # What stopped the steps first: "deadline" or "cancel" (None: they ended by themselves).
         self._ended_by: str | None = None
         self._ai_started = False
+        self._current = False  # PATCH_CURRENT recorded (set first thing in run)
         self._started_sent = False
         self._deliveries: list[asyncio.Task] = []
         self._slot = _Slot()
@@ -286,6 +298,13 @@ class GenerationWorkflow:
         if stage not in (Stage.DONE, Stage.NOTIFYING):
             self._send_event("progress")
 
+    def _patched(self, patch_id: str) -> bool:
+        """workflow.patched, except that a generation that recorded PATCH_CURRENT has every patch it
+        bundles without recording each (see PATCH_CURRENT)."""
+        if self._current and patch_id in PATCHES_IN_CURRENT:
+            return True
+        return workflow.patched(patch_id)
+
     def _status(self, status: Status) -> None:
         self._progress.status = status.value
         workflow.upsert_search_attributes([STATUS_KEY.value_set(status.value)])
@@ -307,7 +326,9 @@ class GenerationWorkflow:
         p = self._progress
         p.task_id, p.kind = req.task_id, req.kind
         self._req = req
-        explicit_deadline = workflow.patched(PATCH_EXPLICIT_DEADLINE)
+        # First, before any other command: histories recorded without it replay as they were.
+        self._current = workflow.patched(PATCH_CURRENT)
+        explicit_deadline = self._patched(PATCH_EXPLICIT_DEADLINE)
         self._status(Status.RUNNING)
         try:
             if explicit_deadline:
@@ -419,7 +440,7 @@ class GenerationWorkflow:
             summary=f"Charge {req.cost} credits",
         ))
         try:
-            if workflow.patched(PATCH_CHARGE_SETTLES_BEFORE_CANCEL):
+            if self._patched(PATCH_CHARGE_SETTLES_BEFORE_CANCEL):
                 # Let a charge in flight settle before a cancel is acted on: a refund that ran
                 # while the charge was still committing would find nothing to give back.
                 charge = await _uncancellable(charging, then_honour_cancel=True)
@@ -450,7 +471,7 @@ class GenerationWorkflow:
             retry_policy=policies.SHORT_RETRY,
             summary=f"Save work ({len(output.images)} image(s))",
         )
-        if workflow.patched(PATCH_SAVE_SURVIVES_CANCEL):
+        if self._patched(PATCH_SAVE_SURVIVES_CANCEL):
             # The images exist: a cancel arriving now is too late. Finish the save, so a work
             # is never saved for a generation that was then refunded.
             saved = await _uncancellable(save)
@@ -489,7 +510,7 @@ class GenerationWorkflow:
             tried.append(choice.model)
             p.model, p.attempt = choice.model, len(tried)
             try:
-                if workflow.patched(PATCH_AI_ATTEMPTS):
+                if self._patched(PATCH_AI_ATTEMPTS):
                     return await self._call_model(req, downloaded, choice)
                 self._stage(Stage.GENERATING)
                 return await workflow.execute_activity_method(
@@ -547,7 +568,7 @@ class GenerationWorkflow:
             record = AttemptRecord(model=choice.model, provider=choice.provider, started_at=workflow.now().isoformat())
             self._add_attempt(record)
             started = workflow.now()
-            hold = self._slot.ticket is not None and workflow.patched(PATCH_SLOT_HELD_UNTIL_CALL_STOPS)
+            hold = self._slot.ticket is not None and self._patched(PATCH_SLOT_HELD_UNTIL_CALL_STOPS)
             try:
                 output: AiOutput = await workflow.execute_activity_method(
                     AiActivities.call_ai,
@@ -623,7 +644,7 @@ class GenerationWorkflow:
 
     async def _wait_for_slot(self, req: GenerationRequest, choice: ModelChoice) -> None:
         """Wait until the model's quota has a slot for this generation (admission; see workflows/admission.py)."""
-        if not choice.admission or not workflow.patched(PATCH_MODEL_ADMISSION):
+        if not choice.admission or not self._patched(PATCH_MODEL_ADMISSION):
             return
         s, t = self._slot, req.timeouts
         s.seq += 1
@@ -638,7 +659,7 @@ class GenerationWorkflow:
                                   # The slot is held for one attempt: its wait for a worker, then its run.
                                   lease_s=t.ai_schedule_to_start_s + t.ai_start_to_close_s + 60)
             summary = f"Wait in line for a slot of {choice.model}"
-            if workflow.patched(PATCH_LOCAL_SLOT_REQUEST):
+            if self._patched(PATCH_LOCAL_SLOT_REQUEST):
                 # A local activity: one marker in this history, no trip through a task queue.
                 # Generous timeout: a busy server takes a while to deliver a signal, and a retry sends another.
                 answer = await workflow.execute_local_activity_method(
