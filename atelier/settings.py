@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     events_poll_s: float = Field(default=1.0, ge=0.1, le=10.0)
     events_keepalive_s: float = Field(default=15.0, ge=1.0, le=60.0)
+    read_watch_max: int = Field(default=2_000, ge=0, le=100_000)
 
     # --- retention
     input_retention_hours: float = Field(default=24.0, gt=0)
@@ -224,6 +225,8 @@ DESCRIPTIONS = {
     "url_ttl_s": "seconds a signed image link stays valid",
     "events_poll_s": "how often the progress stream asks the workflow for changes (its `events` query)",
     "events_keepalive_s": "seconds between keep-alive comments on an idle progress stream",
+    "read_watch_max": "running generations each API process watches (a long poll on the history, a query only "
+                      "after the workflow acts), so that reads and streams of them ask no query each; 0: none",
     "input_retention_hours": "input images (uploads and downloaded inputs) are deleted this long after the "
                              "generation that used them ended (unused uploads: after their upload); images "
                              "nobody holds (outputs that never became a work) this long after they were "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from atelier.db import create_engine
 from atelier.messages import ImageInput
+from atelier.settings import Settings
 from bench.common import (
     PROVIDERS,
     VARIANTS,
@@ -54,7 +55,7 @@ from bench.common import (
     wait_for_pollers,
     write_result,
 )
-from bench.floor import FloorWaitWorkflow, WaitInput
+from bench.floor import FloorShapeWorkflow, FloorWaitWorkflow, ShapeInput, WaitInput
 from starter.service import build_request, start_generation
 
 NAME = "concurrency"
@@ -168,6 +169,24 @@ async def floor_arm(s, n: int, delay: float, grace: float) -> dict:
     return arm
 
 
+async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: float) -> dict:
+    """Bare workflows of a generation's shape: the burst goal's baseline (issue 13, goal 1)."""
+    tq = f"floor-shape-{uuid.uuid4().hex[:8]}"
+    proc = start_floor_worker(s, tq, max_concurrent_activities=max(n, 200))
+    await wait_for_pollers(s.client, [(tq, "workflow"), (tq, "activity")], proc)
+
+    async def start(i: int):
+        wf_id = f"floor-shape-{i}-{uuid.uuid4().hex[:8]}"
+        await s.client.start_workflow(FloorShapeWorkflow.run, ShapeInput(task_id=wf_id, seconds=delay,
+                                                                          heartbeat_s=heartbeat_s),
+                                      id=wf_id, task_queue=tq)
+
+    arm = await run_arm(s, "floor: bare workflows of a generation's shape", n, delay, grace, tq,
+                        {"worker": proc.ps, "server": s.server}, start)
+    proc.stop()
+    return arm
+
+
 async def generation_arm(s, provider: str, n: int, delay: float, grace: float, variant: str) -> dict:
     settings, fake = provider_settings(s, provider, delay)
     settings, v = apply_variant(settings, variant)
@@ -214,6 +233,8 @@ async def bench(args) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     async with stack(NAME, keep_tmp=args.keep_tmp) as s:
         floor = await floor_arm(s, n, delay, args.grace) if args.floor else None
+        shape = (await shape_floor_arm(s, n, delay, args.grace, Settings.model_fields["ai_heartbeat_s"].default)
+                 if args.floor and args.shape_floor else None)
         main_arm = await generation_arm(s, args.provider, n, delay, args.grace, "shipped")
         others = [await generation_arm(s, args.provider, n, delay, args.grace, v) for v in variants]
 
@@ -221,10 +242,15 @@ async def bench(args) -> None:
     results["provider"] = args.provider
     results["goals_met"] = _goals(main_arm)
     results["floor"] = floor
+    results["shape_floor"] = shape
+    if shape is not None and shape.get("slowest_s"):
+        results["slowest_x_shape_floor"] = round(main_arm["slowest_s"] / shape["slowest_s"], 2)
+    if floor is not None and floor.get("slowest_s"):
+        results["slowest_x_floor"] = round(main_arm["slowest_s"] / floor["slowest_s"], 2)
     results["variants"] = others
     for arm in others:
         arm["goals_met"] = _goals(arm)
-    arms = [a for a in (floor, main_arm, *others) if a is not None]
+    arms = [a for a in (floor, shape, main_arm, *others) if a is not None]
     rows = []
     for label, key, goal in (
         ("submitted in (s)", "submit_s", ""),
@@ -260,6 +286,8 @@ def main() -> None:
                    help="skip the floor (bare workflows of one activity waiting as long)")
     p.add_argument("--variants", default="", help="also run generations with these worker variants "
                    f"(comma-separated, from: {', '.join(k for k in VARIANTS if k != 'shipped')})")
+    p.add_argument("--no-shape-floor", dest="shape_floor", action="store_false",
+                   help="skip the floor of a generation's shape (3 no-op activities, one heartbeating wait, 1 no-op)")
     p.add_argument("--grace", type=float, default=120.0, help="seconds past the delay before giving up")
     args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))

@@ -90,6 +90,36 @@ class FloorHeartbeatWorkflow:
         return out.step
 
 
+@dataclass
+class ShapeInput:
+    task_id: str = ""
+    before: int = 3  # charge, download, select_model
+    seconds: float = 60.0
+    heartbeat_s: float = 50.0  # the AI call's heartbeat timeout (ATELIER_AI_HEARTBEAT_S)
+    after: int = 1  # save_work
+
+
+@workflow.defn(name="BenchFloorShapeWorkflow")
+class FloorShapeWorkflow:
+    """A generation's shape with nothing in it: no-op activities before and after one activity
+    that waits and heartbeats like the AI call (the burst goal's baseline, issue 13)."""
+
+    @workflow.run
+    async def run(self, req: ShapeInput) -> int:
+        done = 0
+        for step in range(req.before):
+            done += (await workflow.execute_activity(noop, StepInput(task_id=req.task_id, step=step),
+                                                     start_to_close_timeout=timedelta(seconds=30))).step == step
+        await workflow.execute_activity(
+            wait_heartbeating, HeartbeatWaitInput(task_id=req.task_id, seconds=req.seconds, heartbeat_s=req.heartbeat_s),
+            start_to_close_timeout=timedelta(seconds=req.seconds + 300),
+            heartbeat_timeout=timedelta(seconds=req.heartbeat_s) if req.heartbeat_s else None)
+        for step in range(req.after):
+            done += (await workflow.execute_activity(noop, StepInput(task_id=req.task_id, step=step),
+                                                     start_to_close_timeout=timedelta(seconds=30))).step == step
+        return done
+
+
 @workflow.defn(name="BenchFloorWaitWorkflow")
 class FloorWaitWorkflow:
     """One activity that waits: 1,000 of these in flight is the concurrency floor."""
@@ -119,7 +149,7 @@ def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: 
                  max_concurrent_workflow_tasks: int = 200, max_cached_workflows: int = 2000) -> Worker:
     """The same options build_workers gives the project's main worker (settings defaults)."""
     return Worker(
-        client, task_queue=task_queue, workflows=[FloorWorkflow, FloorWaitWorkflow, FloorHeartbeatWorkflow],
+        client, task_queue=task_queue, workflows=[FloorWorkflow, FloorWaitWorkflow, FloorHeartbeatWorkflow, FloorShapeWorkflow],
         activities=[noop, wait, wait_heartbeating],
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,

@@ -59,6 +59,7 @@ from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
 from atelier.validation import current_limits, validate_request
 from workflows.admission import ModelAdmissionWorkflow
+from starter.watch import GenerationWatchers
 from workflows.generation import PERCENT, GenerationWorkflow
 
 USER_KEY = SearchAttributeKey.for_keyword(SA_USER_ID)
@@ -196,25 +197,40 @@ async def _ledger_totals(engine: AsyncEngine | None, task_id: str) -> tuple[int,
 
 
 async def _read_known_running(client: Client, task_id: str, known: KnownGeneration,
-                              engine: AsyncEngine | None) -> GenerationState | RPCError | None:
+                              engine: AsyncEngine | None, watchers: GenerationWatchers | None = None,
+                              ) -> GenerationState | RPCError | None:
     """A generation known to have been running, read with one query (and its ledger rows, at the
-    same time); None when it has closed since (read it in full), the RPCError when the query could
-    not be answered (no worker: read it from describe)."""
-    handle = client.get_workflow_handle(task_id)
-    query = handle.query(GenerationWorkflow.progress, reject_condition=QueryRejectCondition.NOT_OPEN,
-                         rpc_timeout=QUERY_TIMEOUT)
-    progress, money = await asyncio.gather(query, _ledger_totals(engine, task_id), return_exceptions=True)
-    if isinstance(progress, RPCError):
-        return progress
-    if isinstance(progress, (WorkflowQueryRejectedError, WorkflowQueryFailedError)):
-        return None
-    for outcome in (progress, money):
-        if isinstance(outcome, BaseException):
-            raise outcome
+    same time), or with none while it is watched; None when it has closed since (read it in
+    full), the RPCError when the query could not be answered (no worker: read it from describe)."""
+    watched = watchers.get(task_id) if watchers is not None else None
+    if watched is not None:
+        progress, source = watched.progress, "watch"
+        money = await _ledger_totals(engine, task_id)
+    else:
+        handle = client.get_workflow_handle(task_id)
+        if watchers is not None:
+            # The whole log (a few dozen changes) as well: it starts the watch.
+            query = handle.query(GenerationWorkflow.events, EventsRequest(after_seq=0),
+                                 reject_condition=QueryRejectCondition.NOT_OPEN, rpc_timeout=QUERY_TIMEOUT)
+        else:
+            query = handle.query(GenerationWorkflow.progress, reject_condition=QueryRejectCondition.NOT_OPEN,
+                                 rpc_timeout=QUERY_TIMEOUT)
+        answer, money = await asyncio.gather(query, _ledger_totals(engine, task_id), return_exceptions=True)
+        if isinstance(answer, RPCError):
+            return answer
+        if isinstance(answer, (WorkflowQueryRejectedError, WorkflowQueryFailedError)):
+            return None
+        for outcome in (answer, money):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if isinstance(answer, EventsPage):
+            watchers.watch(task_id, answer)
+            answer = answer.progress
+        progress, source = answer, "query"
     view = _view_of_progress(progress, task_id, known.kind, known.created_at)
     if money is not None:
         view.charged, view.refunded = money
-    return GenerationState(view, known.user_id, True, "query")
+    return GenerationState(view, known.user_id, True, source)
 
 
 async def _describe_if_exists(handle: WorkflowHandle) -> WorkflowExecutionDescription | None:
@@ -230,14 +246,16 @@ async def _describe_if_exists(handle: WorkflowHandle) -> WorkflowExecutionDescri
 
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None,
                           admission_queue: str = DEFAULT_TASK_QUEUE,
-                          known: KnownGenerations | None = None) -> GenerationState | None:
+                          known: KnownGenerations | None = None,
+                          watchers: GenerationWatchers | None = None) -> GenerationState | None:
     """The state of one generation, or None if there is no such workflow. `admission_queue` is
     the task queue of the admission workflows (the workers' generation queue). `known`: facts of
-    generations seen running, kept and used to read a running one without a describe."""
+    generations seen running, kept and used to read a running one without a describe;
+    `watchers`: with `known`, a running one read twice is watched and then read with no query."""
     facts = known.get(task_id) if known is not None else None
     query_failed = False
     if facts is not None:
-        read = await _read_known_running(client, task_id, facts, engine)
+        read = await _read_known_running(client, task_id, facts, engine, watchers)
         if isinstance(read, GenerationState):
             if read.view.stage == Stage.WAITING_FOR_MODEL.value and read.view.model:
                 await _read_place_in_line(client, read.view, admission_queue)

@@ -87,6 +87,8 @@ async def api(harness) -> Api:
     made = make_api(harness)
     async with made.http:
         yield made
+    if made.app.state.atelier is not None:
+        await made.app.state.atelier.close()
 
 
 @pytest.fixture
@@ -102,6 +104,8 @@ async def api_factory(harness_factory):
     yield make
     for one in made:
         await one.http.aclose()
+        if one.app.state.atelier is not None:
+            await one.app.state.atelier.close()
 
 
 async def wait_until(predicate, *, timeout: float = 30.0, interval: float = 0.2):

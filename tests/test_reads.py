@@ -11,7 +11,10 @@ from sqlalchemy import select
 
 from atelier.db import reading, users
 from tests.api_fixtures import Api, api_factory, wait_until  # noqa: F401
+from atelier.messages import EventsRequest
+from starter.watch import GenerationWatchers
 from tests.fakes.images import jpeg
+from workflows.generation import GenerationWorkflow
 
 
 async def _start(api: Api, auth) -> str:
@@ -87,3 +90,125 @@ async def test_sqlite_reader_sees_committed_writes_and_survives_dispose(api_fact
     assert await credits.balance(engine, user_id) == 30
     async with reading(engine) as conn:
         assert (await conn.scalar(select(users.c.balance).where(users.c.id == user_id))) == 30
+
+
+# ---- watched generations: reads and streams ask no query each ---------------------------------
+
+
+def _count_queries(monkeypatch) -> list[str]:
+    """Record the name of every query any workflow handle asks."""
+    asked: list[str] = []
+    real_query = WorkflowHandle.query
+
+    async def counting_query(self, query, *args, **kwargs):
+        asked.append(getattr(query, "__name__", str(query)))
+        return await real_query(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(WorkflowHandle, "query", counting_query)
+    return asked
+
+
+async def test_a_generation_read_again_and_again_is_watched_and_read_with_no_query(api_factory, monkeypatch):
+    api = await api_factory(local_ai_delay_s=5)
+    _, auth = await api.new_user()
+    _, other = await api.new_user()
+    watchers = api.app.state.atelier.watchers
+    asked = _count_queries(monkeypatch)
+    async with api.harness.worker():
+        task_id = await _start(api, auth)
+
+        async def generating() -> bool:
+            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
+            return r.json()["stage"] == "generating"
+
+        await wait_until(generating, timeout=30)
+        await api.http.get(f"/v1/generations/{task_id}", headers=auth)  # starts the watch
+        watched = watchers.get(task_id)
+        assert watched is not None and watched.live
+
+        asked.clear()
+        by_watcher = watchers.queries
+        for _ in range(25):
+            body = (await api.http.get(f"/v1/generations/{task_id}", headers=auth)).json()
+            assert body["status"] == "running" and body["stage"] == "generating"
+            assert body["credits"] == {"charged": 10, "refunded": 0}  # the ledger, read each time
+        # 25 reads and no query of theirs: the only one asked (if any) is the watcher's first look.
+        assert len(asked) == watchers.queries - by_watcher <= 1, asked
+        assert (await api.http.get(f"/v1/generations/{task_id}", headers=other)).status_code == 404
+
+        # The watcher follows the workflow on its own: it hears the save and the end.
+        done = await api.poll(auth, task_id, timeout=60)
+    assert done["status"] == "completed" and done["result"]["images"]
+    assert 1 <= asked.count("events") <= 6, asked  # one per workflow task at most, not one per read
+    await wait_until(lambda: _unwatched(watchers, task_id), timeout=10)
+    again = (await api.http.get(f"/v1/generations/{task_id}", headers=auth)).json()
+    assert again == done
+
+
+async def _unwatched(watchers, task_id: str) -> bool:
+    return task_id not in watchers._watched
+
+
+async def test_a_watch_ends_when_no_worker_answers_and_reads_go_back_to_describe(api_factory):
+    api = await api_factory(local_ai_delay_s=60)
+    _, auth = await api.new_user()
+    ctx = api.app.state.atelier
+    await ctx.watchers.close()
+    ctx.watchers = watchers = GenerationWatchers(api.harness.client, refresh_s=2.0)
+    async with api.harness.worker():
+        task_id = await _start(api, auth)
+
+        async def generating() -> bool:
+            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
+            return r.json()["stage"] == "generating"
+
+        await wait_until(generating, timeout=30)
+        await api.http.get(f"/v1/generations/{task_id}", headers=auth)
+        assert watchers.get(task_id) is not None
+    # The worker is gone: the watch's next look (after refresh_s) gets no answer, and it stops.
+    await wait_until(lambda: _unwatched(watchers, task_id), timeout=20)
+    body = (await api.http.get(f"/v1/generations/{task_id}", headers=auth)).json()
+    assert body["status"] == "running" and body["stage"] == "generating"  # from describe
+    await watchers.close()
+
+
+async def test_watches_are_bounded_and_end_when_nobody_reads(api_factory):
+    api = await api_factory(local_ai_delay_s=60)
+    _, auth = await api.new_user()
+    watchers = GenerationWatchers(api.harness.client, max_watched=1, idle_s=1.0)
+    async with api.harness.worker():
+        first, second = await _start(api, auth), await _start(api, auth)
+        for task_id in (first, second):
+            await wait_until(lambda: _answers(api, task_id), timeout=30)
+        page = await api.harness.client.get_workflow_handle(first).query(
+            GenerationWorkflow.events, EventsRequest(after_seq=0))
+        assert watchers.watch(first, page) is not None
+        assert watchers.watch(second, page) is None  # one at most
+        assert len(watchers) == 1
+        # Nobody reads it: it ends after idle_s (bounded wait), and the slot is free again.
+        await wait_until(lambda: _unwatched(watchers, first), timeout=10)
+        assert len(watchers) == 0 and watchers.watch(second, page) is not None
+        await watchers.close()
+        assert len(watchers) == 0
+
+
+async def _answers(api: Api, task_id: str) -> bool:
+    try:
+        await api.harness.client.get_workflow_handle(task_id).query(GenerationWorkflow.progress)
+        return True
+    except Exception:  # noqa: BLE001 - not yet
+        return False
+
+
+async def test_a_stream_is_fed_by_the_watch_not_by_a_query_every_poll(api_factory, monkeypatch):
+    api = await api_factory(local_ai_delay_s=4, events_poll_s=0.1)
+    _, auth = await api.new_user()
+    asked = _count_queries(monkeypatch)
+    async with api.harness.worker():
+        task_id = await _start(api, auth)
+        response = await api.http.get(f"/v1/generations/{task_id}/events", headers=auth)
+    assert response.status_code == 200
+    names = [line.split(":", 1)[1].strip() for line in response.text.splitlines() if line.startswith("event:")]
+    assert names[-1] == "completed" and names.count("progress") >= 4, names
+    # Polled every 0.1 s for the 4 s call, that was over 40 queries; watched, one per workflow task.
+    assert asked.count("events") <= 10, asked

@@ -71,7 +71,9 @@ def create_app(settings: Settings, *, client: Client | None = None, engine: Asyn
         try:
             yield
         finally:
-            app.state.atelier = None
+            ctx, app.state.atelier = app.state.atelier, None
+            if ctx is not None:
+                await ctx.close()
             if owned_engine is not None:
                 await owned_engine.dispose()
 

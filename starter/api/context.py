@@ -18,6 +18,7 @@ from starter.api.errors import ApiError
 from starter.api.keycache import KeyCache
 from starter.api.metrics import Metrics
 from starter.service import KnownGenerations
+from starter.watch import GenerationWatchers
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ApiContext:
     # Owner, kind and start of generations seen running: a running one is then read with one query.
     generations: KnownGenerations = field(default_factory=KnownGenerations)
     links: LinkSigner | None = None
+    # Running generations being read, kept fresh by a long poll: reads and streams ask no query each.
+    watchers: GenerationWatchers | None = None
     _models: list[str] | None = field(default=None, repr=False)
 
     def model_names(self) -> list[str]:
@@ -46,6 +49,12 @@ class ApiContext:
     def __post_init__(self) -> None:
         if self.links is None:
             self.links = signer_from(self.settings)
+        if self.watchers is None and self.settings.read_watch_max > 0:
+            self.watchers = GenerationWatchers(self.client, max_watched=self.settings.read_watch_max)
+
+    async def close(self) -> None:
+        if self.watchers is not None:
+            await self.watchers.close()
 
     def image_url(self, request: Request, owner: str) -> ImageUrl:
         """How `owner`'s images are linked in answers: fresh signed links, or the bearer route."""

@@ -256,7 +256,8 @@ async def get_generation(
 ) -> dict:
     state = await service.read_generation(ctx.client, task_id, engine=ctx.engine,
                                           admission_queue=ctx.settings.task_queue,
-                                          known=ctx.generations) if _plausible_id(task_id) else None
+                                          known=ctx.generations, watchers=ctx.watchers,
+                                          ) if _plausible_id(task_id) else None
     if state is None or state.user_id != user_id:
         raise not_found(f"no generation {task_id!r}" if _plausible_id(task_id) else "no such generation")
     return generation_object(state.view, image_url=ctx.image_url(request, user_id))

@@ -1,17 +1,21 @@
 """GET /v1/generations/{id}/events: a generation's progress as Server-Sent Events.
 
 The workflow stays the one source of truth. The API reads its `events` query (the bounded log of
-visible changes after a sequence number) every ATELIER_EVENTS_POLL_S and forwards what is new. A
-query, not an update: an update would write two events into the generation's history for every
-look of every watcher (and needs a worker to accept it), a query writes nothing. Nothing is kept
-in the API process, so any replica can serve any stream and a reconnect to another one resumes
-from `Last-Event-ID`. With no worker up, the query has nobody to answer it: the stream sends its
+visible changes after a sequence number) and forwards what is new. A query, not an update: an
+update would write two events into the generation's history for every look of every watcher (and
+needs a worker to accept it), a query writes nothing. While the generation runs, the process's
+watcher of it (starter/watch.py) asks that query only after the workflow has acted (a long poll
+on its history says when) and wakes the stream; without one (too many watched, or no worker
+answered), the stream asks every ATELIER_EVENTS_POLL_S. Nothing a client needs is kept only in
+one API process: any replica can serve any stream, and a reconnect to another one resumes from
+`Last-Event-ID`. With no worker up, the query has nobody to answer it: the stream sends its
 keep-alives and waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +23,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from atelier.messages import ProgressEvent, Status
+from atelier.messages import EventsPage, ProgressEvent, Status
 from atelier.representation import generation_object
 from starter import service
 from starter.api.auth import current_user
@@ -35,6 +39,8 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 # A stream ends after this long at most (the client reconnects with Last-Event-ID), so a stuck
 # generation cannot hold a connection forever.
 MAX_STREAM_S = 3600.0
+# A watched stream looks again at least this often (its watcher kept alive, the time limit checked).
+WATCH_WAIT_S = 15.0
 
 STREAM_DOC = """An event at every visible change of the generation, then its end:
 
@@ -125,8 +131,32 @@ async def _stream(watch: _Watch, first: service.EventsRead) -> AsyncIterator[Ser
             return
         if time.monotonic() - began > MAX_STREAM_S:
             return
+        read = await _next_read(watch, read)
+
+
+async def _next_read(watch: _Watch, last: service.EventsRead) -> service.EventsRead | None:
+    """The generation's next changes: from its watcher when there is one (woken when the workflow
+    has acted, no query of our own), else by asking the workflow after `events_poll_s`."""
+    ctx = watch.ctx
+    watchers = ctx.watchers
+    w = watchers.get(watch.task_id) if watchers is not None else None
+    if w is None:
         await asyncio.sleep(ctx.settings.events_poll_s)
-        read = await service.read_events(ctx.client, watch.task_id, watch.after)
+        if watchers is None:
+            return await service.read_events(ctx.client, watch.task_id, watch.after)
+        # The whole (bounded) log, so that a watch can start from it.
+        read = await service.read_events(ctx.client, watch.task_id, 0)
+        if read is not None and read.running and read.progress is not None:
+            watchers.watch(watch.task_id, EventsPage(events=list(read.events), progress=read.progress))
+        return read
+    if not any(e.seq > watch.after for e in w.events) and w.live:
+        changed = w.changed
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=WATCH_WAIT_S)
+    if not w.live:
+        # Closed, or no worker answers: ask in full (describe says which).
+        return await service.read_events(ctx.client, watch.task_id, watch.after)
+    return service.EventsRead(watch.user_id, True, list(w.events), w.progress)
 
 
 @router.get(
@@ -159,5 +189,7 @@ async def stream_events(
     if resume and ((ending and resume >= min(ending)) or (not first.running and first.progress is None)):
         return Response(status_code=204)
     watch = _Watch(ctx, request, task_id, user_id, resume)
+    if ctx.watchers is not None and first.running and first.progress is not None:
+        ctx.watchers.watch(task_id, EventsPage(events=list(first.events), progress=first.progress))
     return EventSourceResponse(_stream(watch, first), ping=ctx.settings.events_keepalive_s,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
