@@ -11,7 +11,6 @@ import asyncio
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.service import RPCError, RPCStatusCode
 
 from atelier.messages import (
     ADMISSION_WORKFLOW_TYPE,
@@ -23,6 +22,7 @@ from atelier.messages import (
     admission_task_queue,
     admission_workflow_id,
 )
+from atelier.temporal_calls import describe_if_exists
 
 
 # Slot requests one worker process sends at once (see AdmissionActivities.__init__).
@@ -67,13 +67,8 @@ class AdmissionActivities:
         """Which of these generations are no longer running (closed, or unknown to Temporal)."""
 
         async def closed(task_id: str) -> bool:
-            try:
-                desc = await self.client.get_workflow_handle(task_id).describe()
-            except RPCError as err:
-                if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-                    return True
-                raise
-            return desc.status != WorkflowExecutionStatus.RUNNING
+            desc = await describe_if_exists(self.client.get_workflow_handle(task_id))
+            return desc is None or desc.status != WorkflowExecutionStatus.RUNNING
 
         gate = asyncio.Semaphore(20)
 

@@ -280,7 +280,7 @@ async def sweep_unheld(engine: AsyncEngine, blobs: BlobStore, *, older_than_s: f
                                             .where(blob_refs.c.blob_key == f.name))).scalar_one()
                 if count == 0 and await asyncio.to_thread(blobs.delete_if_older, f.name, cutoff):
                     swept.deleted += 1
-        elif owner is None or not blobs.exists(owner):
+        elif owner is None or not await asyncio.to_thread(blobs.exists, owner):
             # A temporary file left by a crashed write, or a thumbnail whose blob is gone (an old
             # unheld blob takes its thumbnails with it; these are what a race left behind).
             if await asyncio.to_thread(blobs.unlink_if_older, f.path, cutoff):

@@ -55,6 +55,7 @@ from atelier.messages import (
     Timeouts,
     admission_workflow_id,
 )
+from atelier.temporal_calls import describe_if_exists
 from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
 from atelier.validation import current_limits, validate_request
@@ -233,17 +234,6 @@ async def _read_known_running(client: Client, task_id: str, known: KnownGenerati
     return GenerationState(view, known.user_id, True, source)
 
 
-async def _describe_if_exists(handle: WorkflowHandle) -> WorkflowExecutionDescription | None:
-    """The workflow's description, or None if there is no such workflow (NOT_FOUND, or
-    INVALID_ARGUMENT: an id the server cannot even look up)."""
-    try:
-        return await handle.describe()
-    except RPCError as err:
-        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-            return None
-        raise
-
-
 async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine | None = None,
                           admission_queue: str = DEFAULT_TASK_QUEUE,
                           known: KnownGenerations | None = None,
@@ -263,7 +253,7 @@ async def read_generation(client: Client, task_id: str, *, engine: AsyncEngine |
         known.forget(task_id)
         query_failed = read is not None  # no second query timeout below
     handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
-    desc = await _describe_if_exists(handle)
+    desc = await describe_if_exists(handle)
     if desc is None:
         return None
     attrs = desc.typed_search_attributes
@@ -461,7 +451,7 @@ def _summary(execution: WorkflowExecution) -> GenerationSummary:
 
 async def describe_generation(client: Client, task_id: str) -> GenerationSummary | None:
     """One describe call: owner, kind and status of a generation, or None if there is none."""
-    desc = await _describe_if_exists(client.get_workflow_handle(task_id))
+    desc = await describe_if_exists(client.get_workflow_handle(task_id))
     if desc is None or desc.workflow_type != WORKFLOW_TYPE:
         return None
     return _summary(desc)
@@ -586,7 +576,7 @@ async def read_events(client: Client, task_id: str, after_seq: int) -> EventsRea
     from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
 
     handle = client.get_workflow_handle(task_id)
-    desc = await _describe_if_exists(handle)
+    desc = await describe_if_exists(handle)
     if desc is None or desc.workflow_type != WORKFLOW_TYPE:
         return None
     attrs = desc.typed_search_attributes
