@@ -192,6 +192,11 @@ async def test_watches_are_bounded_and_end_when_nobody_reads(api_factory):
         assert len(watchers) == 0 and watchers.watch(second, page) is not None
         await watchers.close()
         assert len(watchers) == 0
+        # Leave nothing running for the worker to evict at its shutdown.
+        for task_id in (first, second):
+            await api.http.post(f"/v1/generations/{task_id}/cancel", headers=auth)
+        for task_id in (first, second):
+            assert (await api.poll(auth, task_id, timeout=60))["status"] == "canceled"
 
 
 async def _answers(api: Api, task_id: str) -> bool:
