@@ -200,8 +200,8 @@ async def _ledger_totals(engine: AsyncEngine | None, task_id: str) -> tuple[int,
 async def _read_known_running(client: Client, task_id: str, known: KnownGeneration,
                               engine: AsyncEngine | None, watchers: GenerationWatchers | None = None,
                               ) -> GenerationState | RPCError | None:
-    """A generation known to have been running, read with one query (and its ledger rows, at the
-    same time), or with none while it is watched; None when it has closed since (read it in
+    """A generation known to have been running, read with one query (then its ledger rows), or
+    with none while it is watched; None when it has closed since (read it in
     full), the RPCError when the query could not be answered (no worker: read it from describe)."""
     watched = watchers.get(task_id) if watchers is not None else None
     if watched is not None:
@@ -216,14 +216,16 @@ async def _read_known_running(client: Client, task_id: str, known: KnownGenerati
         else:
             query = handle.query(GenerationWorkflow.progress, reject_condition=QueryRejectCondition.NOT_OPEN,
                                  rpc_timeout=QUERY_TIMEOUT)
-        answer, money = await asyncio.gather(query, _ledger_totals(engine, task_id), return_exceptions=True)
-        if isinstance(answer, RPCError):
-            return answer
-        if isinstance(answer, (WorkflowQueryRejectedError, WorkflowQueryFailedError)):
+        try:
+            answer = await query
+        except RPCError as err:
+            return err
+        except (WorkflowQueryRejectedError, WorkflowQueryFailedError):
             return None
-        for outcome in (answer, money):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # The ledger after the state, never beside it: a state that says "refunded" was reached
+        # after the refund committed, so a ledger read that starts later sees it (read at the same
+        # time, it could be older than the state it is shown with).
+        money = await _ledger_totals(engine, task_id)
         if isinstance(answer, EventsPage):
             watchers.watch(task_id, answer)
             answer = answer.progress

@@ -220,3 +220,43 @@ async def test_a_stream_is_fed_by_the_watch_not_by_a_query_every_poll(api_factor
     # Polled every 0.1 s for the 4 s call, that was over 40 queries; watched, about one per
     # workflow task (seven or eight here, with room for a slow first task).
     assert asked.count("events") <= 15, asked
+
+
+async def test_a_query_read_reads_the_ledger_after_the_state_it_shows(api_factory, monkeypatch):
+    """Read at the same time, the ledger could be older than the state: a generation shown as
+    failed with its refund not yet in the ledger (seen once on PostgreSQL). The money is read
+    after the workflow has answered, so a state reached after a refund shows that refund."""
+    api = await api_factory(local_ai_delay_s=5)
+    _, auth = await api.new_user()
+    ctx = api.app.state.atelier
+    await ctx.watchers.close()
+    ctx.watchers = None  # the query path (a watched read takes its state before the ledger too)
+    order: list[str] = []
+    real_query, real_totals = WorkflowHandle.query, credits.task_totals
+
+    async def query(self, *args, **kwargs):
+        answer = await real_query(self, *args, **kwargs)
+        order.append("state")
+        return answer
+
+    async def task_totals(engine, task_id):
+        order.append("ledger")
+        return await real_totals(engine, task_id)
+
+    monkeypatch.setattr(WorkflowHandle, "query", query)
+    monkeypatch.setattr(credits, "task_totals", task_totals)
+    async with api.harness.worker():
+        task_id = await _start(api, auth)
+
+        async def generating() -> bool:
+            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
+            return r.json()["stage"] == "generating"
+
+        await wait_until(generating, timeout=30)
+        assert ctx.generations.get(task_id) is not None  # known: the next read is one query
+        order.clear()
+        body = (await api.http.get(f"/v1/generations/{task_id}", headers=auth)).json()
+        assert body["status"] == "running" and body["credits"] == {"charged": 10, "refunded": 0}
+        assert order == ["state", "ledger"]
+        await api.http.post(f"/v1/generations/{task_id}/cancel", headers=auth)
+        assert (await api.poll(auth, task_id, timeout=60))["status"] == "canceled"
