@@ -55,12 +55,12 @@ from atelier.messages import (
     Timeouts,
     admission_workflow_id,
 )
-from atelier.temporal_calls import describe_if_exists
 from atelier.representation import GenerationView, attempts_of, view_of_result
 from atelier.settings import Settings
+from atelier.temporal_calls import describe_if_exists
 from atelier.validation import current_limits, validate_request
-from workflows.admission import ModelAdmissionWorkflow
 from starter.watch import GenerationWatchers
+from workflows.admission import ModelAdmissionWorkflow
 from workflows.generation import PERCENT, GenerationWorkflow
 
 USER_KEY = SearchAttributeKey.for_keyword(SA_USER_ID)

@@ -53,7 +53,6 @@ class Watched:
     task_id: str
     progress: Progress
     events: list[ProgressEvent] = field(default_factory=list)
-    version: int = 0  # grows with every answer that changed something
     live: bool = True  # False once the watcher has stopped: read the generation in full
     last_read: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,7 +72,6 @@ class Watched:
             self._bump()
 
     def _bump(self) -> None:
-        self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -90,6 +88,10 @@ class GenerationWatchers:
 
     def __len__(self) -> int:
         return len(self._watched)
+
+    def __contains__(self, task_id: str) -> bool:
+        """Whether a watch of it runs (without counting as a read, unlike `get`)."""
+        return task_id in self._watched
 
     def get(self, task_id: str) -> Watched | None:
         """The live watch of a generation, marked as read; None when none is running."""

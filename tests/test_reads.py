@@ -41,11 +41,7 @@ async def test_a_running_generation_is_read_without_describe_then_closed_from_hi
     async with api.harness.worker():
         task_id = await _start(api, auth)
 
-        async def generating() -> bool:
-            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
-            return r.json()["stage"] == "generating"
-
-        await wait_until(generating, timeout=30)
+        await _until_generating(api, auth, task_id)
         remembered = known.get(task_id)
         assert remembered is not None and remembered.kind == "photography" and remembered.created_at
 
@@ -70,6 +66,16 @@ async def test_a_running_generation_is_read_without_describe_then_closed_from_hi
     assert again["status"] == "completed" and again["result"]["work_id"] == done["result"]["work_id"]
     assert again["credits"] == {"charged": 10, "refunded": 0}
     assert known.get(task_id) is None and describes == [task_id]
+
+
+async def _until_generating(api: Api, auth, task_id: str) -> None:
+    """GET the generation until it is in its AI call (bounded)."""
+
+    async def generating() -> bool:
+        r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
+        return r.json()["stage"] == "generating"
+
+    await wait_until(generating, timeout=30)
 
 
 async def _closed(api: Api, task_id: str) -> bool:
@@ -117,11 +123,7 @@ async def test_a_generation_read_again_and_again_is_watched_and_read_with_no_que
     async with api.harness.worker():
         task_id = await _start(api, auth)
 
-        async def generating() -> bool:
-            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
-            return r.json()["stage"] == "generating"
-
-        await wait_until(generating, timeout=30)
+        await _until_generating(api, auth, task_id)
         await api.http.get(f"/v1/generations/{task_id}", headers=auth)  # starts the watch
         watched = watchers.get(task_id)
         assert watched is not None and watched.live
@@ -148,7 +150,7 @@ async def test_a_generation_read_again_and_again_is_watched_and_read_with_no_que
 
 
 async def _unwatched(watchers, task_id: str) -> bool:
-    return task_id not in watchers._watched
+    return task_id not in watchers
 
 
 async def test_a_watch_ends_when_no_worker_answers_and_reads_go_back_to_describe(api_factory):
@@ -160,11 +162,7 @@ async def test_a_watch_ends_when_no_worker_answers_and_reads_go_back_to_describe
     async with api.harness.worker():
         task_id = await _start(api, auth)
 
-        async def generating() -> bool:
-            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
-            return r.json()["stage"] == "generating"
-
-        await wait_until(generating, timeout=30)
+        await _until_generating(api, auth, task_id)
         await api.http.get(f"/v1/generations/{task_id}", headers=auth)
         assert watchers.get(task_id) is not None
     # The worker is gone: the watch's next look (after refresh_s) gets no answer, and it stops.
@@ -248,11 +246,7 @@ async def test_a_query_read_reads_the_ledger_after_the_state_it_shows(api_factor
     async with api.harness.worker():
         task_id = await _start(api, auth)
 
-        async def generating() -> bool:
-            r = await api.http.get(f"/v1/generations/{task_id}", headers=auth)
-            return r.json()["stage"] == "generating"
-
-        await wait_until(generating, timeout=30)
+        await _until_generating(api, auth, task_id)
         assert ctx.generations.get(task_id) is not None  # known: the next read is one query
         order.clear()
         body = (await api.http.get(f"/v1/generations/{task_id}", headers=auth)).json()

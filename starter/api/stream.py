@@ -134,6 +134,12 @@ async def _stream(watch: _Watch, first: service.EventsRead) -> AsyncIterator[Ser
         read = await _next_read(watch, read)
 
 
+def _start_watch(ctx: ApiContext, task_id: str, read: service.EventsRead) -> None:
+    """Watch a running generation from a read of its whole log (from seq 0) that a worker answered."""
+    if ctx.watchers is not None and read.running and read.progress is not None:
+        ctx.watchers.watch(task_id, EventsPage(events=list(read.events), progress=read.progress))
+
+
 async def _next_read(watch: _Watch, last: service.EventsRead) -> service.EventsRead | None:
     """The generation's next changes: from its watcher when there is one (woken when the workflow
     has acted, no query of our own), else by asking the workflow after `events_poll_s`."""
@@ -146,8 +152,8 @@ async def _next_read(watch: _Watch, last: service.EventsRead) -> service.EventsR
             return await service.read_events(ctx.client, watch.task_id, watch.after)
         # The whole (bounded) log, so that a watch can start from it.
         read = await service.read_events(ctx.client, watch.task_id, 0)
-        if read is not None and read.running and read.progress is not None:
-            watchers.watch(watch.task_id, EventsPage(events=list(read.events), progress=read.progress))
+        if read is not None:
+            _start_watch(ctx, watch.task_id, read)
         return read
     if not any(e.seq > watch.after for e in w.events) and w.live:
         changed = w.changed
@@ -189,7 +195,6 @@ async def stream_events(
     if resume and ((ending and resume >= min(ending)) or (not first.running and first.progress is None)):
         return Response(status_code=204)
     watch = _Watch(ctx, request, task_id, user_id, resume)
-    if ctx.watchers is not None and first.running and first.progress is not None:
-        ctx.watchers.watch(task_id, EventsPage(events=list(first.events), progress=first.progress))
+    _start_watch(ctx, task_id, first)
     return EventSourceResponse(_stream(watch, first), ping=ctx.settings.events_keepalive_s,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
