@@ -12,7 +12,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.errors import to_application_error
-from activities.heartbeat import heartbeating  # re-exported: bench/floor.py imports it from here
+from activities.heartbeat import beat_every, heartbeating
 from atelier import model_health
 from atelier.blobstore import BlobStore
 from atelier.errors import AtelierError, BadImage, ContentBlocked, ProviderBusy, ProviderRejected, ProviderUnavailable
@@ -45,8 +45,7 @@ class AiActivities:
             raise to_application_error(ProviderRejected(f"provider {req.provider!r} is not configured on this worker"))
         if not req.images:
             raise to_application_error(ProviderRejected("no input images reached the AI call"))
-        timeout = activity.info().heartbeat_timeout
-        every = max(0.5, min(10.0, timeout.total_seconds() / 3)) if timeout else 10.0
+        every = beat_every(activity.info().heartbeat_timeout)
         released = False
         started = time.monotonic()
         try:

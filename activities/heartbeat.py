@@ -6,8 +6,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 from temporalio import activity
+
+# Heartbeats of an activity scheduled without a heartbeat timeout: none is required, a beat
+# only carries progress and hears a cancel.
+UNTIMED_BEAT_S = 10.0
+
+
+def beat_every(timeout: timedelta | None) -> float:
+    """How often a waiting activity calls heartbeat() for its heartbeat timeout T: every 0.4 T.
+
+    The SDK sends the first heartbeat at once, then holds each later one until 0.8 T after the
+    last send, and sends the newest held (or, if none is held then, the next one at once). Two
+    beats per 0.8 T window keep one always held when a window ends, so the server hears one every
+    0.8 T (a cancel is heard as soon), and the worker does no more Python work than that takes:
+    beating more often (this was every T/3, at most 10 s) sends nothing more. Measured in
+    docs/benchmarks.md, "Waiting costs (goal 2)"."""
+    if not timeout:
+        return UNTIMED_BEAT_S
+    return max(0.2, 0.4 * timeout.total_seconds())
 
 
 @contextlib.asynccontextmanager

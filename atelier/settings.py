@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     download_timeout_s: float = Field(default=60.0, gt=0)
     download_heartbeat_s: float = Field(default=20.0, gt=0)
     ai_timeout_s: float = Field(default=300.0, gt=0)
-    ai_heartbeat_s: float = Field(default=50.0, gt=0)
+    ai_heartbeat_s: float = Field(default=55.0, gt=0)
     ai_schedule_to_start_s: float = Field(default=600.0, gt=0)
     ai_max_attempts: int = Field(default=3, ge=1)
     generation_deadline_s: float = Field(default=3600.0, gt=0)

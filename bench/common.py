@@ -231,13 +231,13 @@ def _find_server(tmp: Path) -> psutil.Process | None:
 
 
 @contextlib.asynccontextmanager
-async def stack(name: str, *, keep_tmp: bool = False):
+async def stack(name: str, *, keep_tmp: bool = False, server_args: list[str] | None = None):
     tmp = Path(tempfile.mkdtemp(prefix=f"atelier-bench-{name}-"))
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_BIN),
         search_attributes=SEARCH_ATTRIBUTE_KEYS,
         dev_server_database_filename=str(tmp / "temporal.db"),
-        dev_server_extra_args=SQLITE_PRAGMAS,
+        dev_server_extra_args=SQLITE_PRAGMAS + list(server_args or []),
         dev_server_log_level="error",
     )
     address = env.client.service_client.config.target_host

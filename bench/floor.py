@@ -61,19 +61,20 @@ class HeartbeatWaitInput:
     task_id: str = ""
     seconds: float = 60.0
     heartbeat_s: float = 0.0  # the activity's heartbeat timeout; 0: none, and no heartbeats
+    beat_every_s: float = 0.0  # how often it calls heartbeat(); 0: as call_ai does (activities.heartbeat.beat_every)
 
 
 @activity.defn(name="bench_wait_heartbeating")
 async def wait_heartbeating(req: HeartbeatWaitInput) -> StepOutput:
-    """A slow call that heartbeats exactly as call_ai does (activities/ai.py: every third of the
-    timeout, at most every 10 s; the SDK then sends at most one per 0.8 of the timeout)."""
-    from activities.ai import heartbeating
+    """A slow call that heartbeats exactly as call_ai does (activities.heartbeat.beat_every: every
+    0.4 of the timeout; the SDK then sends at most one per 0.8 of it), or every `beat_every_s`."""
+    from activities.heartbeat import beat_every, heartbeating
 
     timeout = activity.info().heartbeat_timeout
     if not timeout:
         await asyncio.sleep(req.seconds)
         return StepOutput(step=1)
-    async with heartbeating(max(0.5, min(10.0, timeout.total_seconds() / 3))):
+    async with heartbeating(req.beat_every_s or beat_every(timeout)):
         await asyncio.sleep(req.seconds)
     return StepOutput(step=1)
 
@@ -95,7 +96,7 @@ class ShapeInput:
     task_id: str = ""
     before: int = 3  # charge, download, select_model
     seconds: float = 60.0
-    heartbeat_s: float = 50.0  # the AI call's heartbeat timeout (ATELIER_AI_HEARTBEAT_S)
+    heartbeat_s: float = 55.0  # the AI call's heartbeat timeout (ATELIER_AI_HEARTBEAT_S)
     after: int = 1  # save_work
 
 

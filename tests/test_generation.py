@@ -251,6 +251,44 @@ async def test_cancel_during_ai_call_refunds_once(harness_factory):
     assert state.view.status == "canceled" and (state.view.charged, state.view.refunded) == (10, 10)
 
 
+# ---- heartbeats of a long call ------------------------------------------------------------------
+
+
+def test_a_waiting_call_beats_twice_per_throttle_window():
+    """call_ai calls heartbeat() every 0.4 of its heartbeat timeout: the SDK sends one per 0.8 of
+    it, so one is always held when a window ends; beating more often sends nothing more."""
+    from datetime import timedelta
+
+    from activities.heartbeat import UNTIMED_BEAT_S, beat_every
+
+    assert beat_every(timedelta(seconds=50)) == pytest.approx(20.0)
+    assert beat_every(timedelta(seconds=2)) == pytest.approx(0.8)
+    assert beat_every(timedelta(milliseconds=100)) == pytest.approx(0.2)  # never a busy loop
+    assert beat_every(None) == UNTIMED_BEAT_S
+
+
+async def test_a_call_three_heartbeat_timeouts_long_completes_on_its_first_attempt(harness_factory):
+    """The beats, throttled by the SDK, reach the server often enough: a call lasting three
+    heartbeat timeouts is not mistaken for a dead worker (that would be a second provider call,
+    paid for twice)."""
+    async with FakeGemini(api_key="test-key") as fake:
+        fake.plan(PRIMARY, [Reply.slow(4.5)])
+        h = await gemini_harness(harness_factory, fake)
+        h.timeouts.ai_heartbeat_s = 1.5
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await asyncio.wait_for(handle.result(), timeout=60)
+        history = await handle.fetch_history()
+    assert result.status == "completed"
+    assert len(fake.requests) == 1
+    started = [e.activity_task_started_event_attributes for e in history.events
+               if e.HasField("activity_task_started_event_attributes")]
+    timed_out = [e for e in history.events if e.HasField("activity_task_timed_out_event_attributes")]
+    assert timed_out == [] and all(s.attempt == 1 for s in started)
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
 # ---- a worker killed mid-call --------------------------------------------------------------------
 
 
