@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from atelier.db import ledger, reading, users, works
+from atelier.db import as_datetime, ledger, read_rows, reading, users, works
 from atelier.errors import AlreadyRefunded, InsufficientCredits, InvalidRequest, UnknownUser
 
 
@@ -211,10 +211,28 @@ async def entries(engine: AsyncEngine, user_id: str, *, limit: int = 50, task_id
     return [LedgerEntry(r.id, r.task_id, r.entry, int(r.amount), r.reason, r.created_at) for r in rows]
 
 
+# The two hottest reads (every read of a generation, every account page), as plain SQL for
+# db.read_rows: on SQLite they skip SQLAlchemy's per-statement work.
+_TASK_TOTALS_SQL = "SELECT entry, amount FROM ledger WHERE task_id = :task_id"
+_BALANCE_SQL = "SELECT balance FROM users WHERE id = :user_id"
+_ENTRIES_SQL = ("SELECT id, task_id, entry, amount, reason, created_at FROM ledger WHERE user_id = :user_id "
+                "ORDER BY id DESC LIMIT :limit")
+
+
 async def task_totals(engine: AsyncEngine, task_id: str) -> tuple[int, int]:
     """(charged, refunded) for one task, read from the ledger itself."""
-    async with reading(engine) as conn:
-        rows = (await conn.execute(select(ledger.c.entry, ledger.c.amount).where(ledger.c.task_id == task_id))).all()
-    charged = sum(-int(r.amount) for r in rows if r.entry == "charge")
-    refunded = sum(int(r.amount) for r in rows if r.entry == "refund")
+    [rows] = await read_rows(engine, [(_TASK_TOTALS_SQL, {"task_id": task_id})])
+    charged = sum(-int(amount) for entry, amount in rows if entry == "charge")
+    refunded = sum(int(amount) for entry, amount in rows if entry == "refund")
     return charged, refunded
+
+
+async def account(engine: AsyncEngine, user_id: str, *, limit: int = 50) -> tuple[int, list[LedgerEntry]]:
+    """A user's balance and newest `limit` ledger entries, from one snapshot (the balance is
+    the sum of every entry, so the two always agree)."""
+    balance_rows, entry_rows = await read_rows(engine, [(_BALANCE_SQL, {"user_id": user_id}),
+                                                        (_ENTRIES_SQL, {"user_id": user_id, "limit": int(limit)})])
+    if not balance_rows:
+        raise UnknownUser(f"unknown user {user_id!r}")
+    return int(balance_rows[0][0]), [LedgerEntry(int(i), t, e, int(a), r, as_datetime(c))
+                                     for i, t, e, a, r, c in entry_rows]

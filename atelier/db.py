@@ -6,6 +6,12 @@ by Alembic migrations (`atelier db upgrade`); `metadata` here is their source of
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -21,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -185,6 +192,11 @@ def reading(engine: AsyncEngine):
     runs whole on a reader thread (see _ThreadedReader); elsewhere it is a plain connection."""
     if engine.dialect.name != "sqlite":
         return engine.connect()
+    return _reader(engine).connect()
+
+
+def _reader(engine: AsyncEngine):
+    """A SQLite engine's reader, made on first use."""
     reader = getattr(engine.sync_engine, "_atelier_reader", None)
     if reader is None:
         database = engine.url.database
@@ -194,7 +206,35 @@ def reading(engine: AsyncEngine):
         else:
             reader = _ThreadedReaderFactory(engine)
         engine.sync_engine._atelier_reader = reader
-    return reader.connect()
+    return reader
+
+
+async def read_rows(engine: AsyncEngine, statements: Sequence[tuple[str, Mapping[str, Any]]]) -> list[list[tuple]]:
+    """Plain SELECTs, each a SQL string with `:named` parameters, read from one snapshot; the
+    rows of each, as tuples. For the hottest reads (a generation's money, an account page).
+
+    On a SQLite file they run on a reader thread straight on the DB-API cursor, all in one hop:
+    SQLAlchemy's per-statement work (cache key, execution context, result) costs some 30 times
+    the indexed lookup itself (docs/benchmarks.md, "Issue 13, third pass"). Elsewhere they run
+    through `reading`. Values come back as the driver gives them: on SQLite a DateTime is its
+    stored text (`as_datetime` reads it)."""
+    reader = _reader(engine) if engine.dialect.name == "sqlite" else None
+    if isinstance(reader, _ThreadedReaderFactory) and reader.raw_path is not None:
+        return await reader.raw(statements)
+    async with reading(engine) as conn:
+        if len(statements) > 1 and engine.dialect.name != "sqlite":
+            # One snapshot for all of them (a SQLite reader runs each statement on its own).
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        return [[tuple(row) for row in (await conn.execute(text(sql), dict(params))).all()]
+                for sql, params in statements]
+
+
+def as_datetime(value: Any) -> datetime:
+    """A DateTime column's value from `read_rows`: SQLite keeps it as text, in UTC."""
+    if isinstance(value, datetime):
+        return value
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 class _AsyncReader:
@@ -236,6 +276,11 @@ class _ThreadedReaderFactory:
 
         self.engine = sync.execution_options(isolation_level="AUTOCOMMIT")
         self.executor = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="atelier-db-read")
+        # `read_rows` on the DB-API: one sqlite3 connection per reader thread, to the same
+        # file (None: a URL with options of its own, read through SQLAlchemy as the rest).
+        self.raw_path = url.database if not url.query else None
+        self._raw_local = threading.local()
+        self._raw_connections: list[sqlite3.Connection] = []
         # Disposing the async engine (end of a process or test) closes these connections and
         # threads too; a later read (an engine may be used again) makes new ones.
         owner = engine.sync_engine
@@ -245,11 +290,40 @@ class _ThreadedReaderFactory:
                 del owner._atelier_reader
             self.engine.dispose()
             self.executor.shutdown(wait=False)
+            for raw in self._raw_connections:
+                raw.close()
+            self._raw_connections.clear()
 
         event.listen(owner, "engine_disposed", _disposed)
 
     def connect(self) -> "_ThreadedReader":
         return _ThreadedReader(self)
+
+    def _raw_connection(self) -> sqlite3.Connection:
+        conn = getattr(self._raw_local, "conn", None)
+        if conn is None:
+            # Autocommit (isolation_level None): a read takes no write lock; WAL gives snapshots.
+            conn = sqlite3.connect(self.raw_path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._raw_local.conn = conn
+            self._raw_connections.append(conn)
+        return conn
+
+    def _raw_rows(self, statements) -> list[list[tuple]]:
+        conn = self._raw_connection()
+        if len(statements) == 1:
+            sql, params = statements[0]
+            return [conn.execute(sql, dict(params)).fetchall()]
+        conn.execute("BEGIN")  # deferred: a read snapshot shared by the statements, no lock
+        try:
+            return [conn.execute(sql, dict(params)).fetchall() for sql, params in statements]
+        finally:
+            conn.execute("COMMIT")
+
+    async def raw(self, statements) -> list[list[tuple]]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._raw_rows, list(statements))
 
 
 class _ThreadedReader:

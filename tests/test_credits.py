@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from datetime import timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -273,3 +274,55 @@ async def test_the_activities_raise_already_refunded_as_non_retryable(engine):
         assert caught.value.type == "AlreadyRefunded"
         assert caught.value.non_retryable is True
     assert await credits.balance(engine, user) == 50
+
+
+async def test_an_account_page_reads_what_balance_and_entries_read(engine):
+    """`account` (one snapshot, plain SQL: the /v1/credits page) agrees with `balance` and
+    `entries` (SQLAlchemy) on every field, on SQLite and on PostgreSQL."""
+    user = await _user(engine, 100)
+    await credits.charge(engine, task_id="acct-1", user_id=user, amount=30)
+    await credits.charge(engine, task_id="acct-2", user_id=user, amount=20)
+    await credits.refund(engine, task_id="acct-1", user_id=user)
+    balance, page = await credits.account(engine, user, limit=3)
+    assert balance == await credits.balance(engine, user) == 80
+    expected = await credits.entries(engine, user, limit=3)
+    assert [(e.id, e.task_id, e.entry, e.amount, e.reason) for e in page] == \
+        [(e.id, e.task_id, e.entry, e.amount, e.reason) for e in expected]
+    assert [e.entry for e in page] == ["refund", "charge", "charge"]
+    utc = lambda d: d if d.tzinfo else d.replace(tzinfo=timezone.utc)  # noqa: E731 - SQLite's are naive UTC
+    assert [e.created_at for e in page] == [utc(e.created_at) for e in expected]
+    assert all(e.created_at.tzinfo is not None for e in page)
+    assert await credits.task_totals(engine, "acct-1") == (30, 30)
+    assert await credits.task_totals(engine, "acct-2") == (20, 0)
+    assert await credits.task_totals(engine, "no-such-task") == (0, 0)
+    with pytest.raises(UnknownUser):
+        await credits.account(engine, "no-such-user")
+
+
+async def test_on_sqlite_the_hot_reads_skip_sqlalchemy_and_take_no_lock(tmp_path):
+    """A generation's money and an account page are read on the DB-API cursor: no statement goes
+    through SQLAlchemy (counted on both engines), and none waits for a writer's lock."""
+    from sqlalchemy import event
+
+    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path}/raw.db")
+    await create_schema_for_tests(eng)
+    try:
+        user = await _user(eng, 40)
+        await credits.charge(eng, task_id="raw-1", user_id=user, amount=10)
+        assert await credits.balance(eng, user) == 30  # makes the reader
+        statements: list[str] = []
+        for sync in (eng.sync_engine, eng.sync_engine._atelier_reader.engine):
+            event.listen(sync, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        async with eng.begin() as writer:  # holds SQLite's write lock until the block ends
+            await writer.execute(ledger.insert().values(user_id=user, task_id="held", entry="grant", amount=1,
+                                                        reason="", created_at=__import__("datetime").datetime.now()))
+            statements.clear()
+            balance, page = await asyncio.wait_for(credits.account(eng, user, limit=5), timeout=10)
+            totals = await asyncio.wait_for(credits.task_totals(eng, "raw-1"), timeout=10)
+            assert statements == []
+        assert balance == 30 and [e.entry for e in page] == ["charge", "grant"] and totals == (10, 0)
+        await eng.dispose()  # closes the readers' connections; the engine stays usable
+        _, after = await credits.account(eng, user)
+        assert [(e.task_id, e.amount) for e in after][:2] == [("held", 1), ("raw-1", -10)]  # committed: seen
+    finally:
+        await eng.dispose()

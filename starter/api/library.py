@@ -83,8 +83,7 @@ async def get_credits(
     user_id: str = Depends(current_user),
     ctx: ApiContext = Depends(context),
 ) -> dict:
-    balance = await credits.balance(ctx.engine, user_id)
-    entries = await credits.entries(ctx.engine, user_id, limit=limit)
+    balance, entries = await credits.account(ctx.engine, user_id, limit=limit)
     return {
         "balance": balance,
         "entries": [{"id": e.id, "generation_id": e.task_id, "entry": e.entry, "amount": e.amount,
