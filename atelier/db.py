@@ -213,9 +213,10 @@ async def read_rows(engine: AsyncEngine, statements: Sequence[tuple[str, Mapping
     """Plain SELECTs, each a SQL string with `:named` parameters, read from one snapshot; the
     rows of each, as tuples. For the hottest reads (a generation's money, an account page).
 
-    On a SQLite file they run on a reader thread straight on the DB-API cursor, all in one hop:
-    SQLAlchemy's per-statement work (cache key, execution context, result) costs some 30 times
-    the indexed lookup itself (docs/benchmarks.md, "Issue 13, third pass"). Elsewhere they run
+    On a SQLite file they run straight on the DB-API cursor, on the event loop unless the
+    database is busy (see _ThreadedReaderFactory.raw): SQLAlchemy's per-statement work (cache
+    key, execution context, result) costs some 30 times the indexed lookup itself
+    (docs/benchmarks.md, "Issue 13, third pass"). Elsewhere they run
     through `reading`. Values come back as the driver gives them: on SQLite a DateTime is its
     stored text (`as_datetime` reads it)."""
     reader = _reader(engine) if engine.dialect.name == "sqlite" else None
@@ -299,18 +300,22 @@ class _ThreadedReaderFactory:
     def connect(self) -> "_ThreadedReader":
         return _ThreadedReader(self)
 
-    def _raw_connection(self) -> sqlite3.Connection:
-        conn = getattr(self._raw_local, "conn", None)
+    def _raw_connection(self, *, wait: bool) -> sqlite3.Connection:
+        """This thread's connection: one that waits for a lock (reader threads), or one that
+        never does (the event loop's: busy at once)."""
+        name = "waiting" if wait else "at_once"
+        conn = getattr(self._raw_local, name, None)
         if conn is None:
             # Autocommit (isolation_level None): a read takes no write lock; WAL gives snapshots.
-            conn = sqlite3.connect(self.raw_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._raw_local.conn = conn
+            conn = sqlite3.connect(self.raw_path, timeout=60 if wait else 0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={60000 if wait else 0}")
+            setattr(self._raw_local, name, conn)
             self._raw_connections.append(conn)
         return conn
 
-    def _raw_rows(self, statements) -> list[list[tuple]]:
-        conn = self._raw_connection()
+    def _raw_rows(self, statements, wait: bool = True) -> list[list[tuple]]:
+        conn = self._raw_connection(wait=wait)
         if len(statements) == 1:
             sql, params = statements[0]
             return [conn.execute(sql, dict(params)).fetchall()]
@@ -321,9 +326,21 @@ class _ThreadedReaderFactory:
             conn.execute("COMMIT")
 
     async def raw(self, statements) -> list[list[tuple]]:
+        """Run on the event loop itself when SQLite answers at once, which in WAL mode a read
+        nearly always does (readers never wait for writers): a few indexed lookups take tens of
+        microseconds, and a hop to a reader thread and back costs the API more than ten times
+        that in thread switches (docs/benchmarks.md, "Issue 13, third pass"). If the database
+        is busy (a lock a read must wait for: recovery, an exclusive lock), the loop does not
+        wait: the read goes to a reader thread, which does."""
         import asyncio
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._raw_rows, list(statements))
+        statements = list(statements)
+        try:
+            return self._raw_rows(statements, wait=False)
+        except sqlite3.OperationalError as err:
+            if getattr(err, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._raw_rows, statements)
 
 
 class _ThreadedReader:

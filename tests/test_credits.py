@@ -326,3 +326,50 @@ async def test_on_sqlite_the_hot_reads_skip_sqlalchemy_and_take_no_lock(tmp_path
         assert [(e.task_id, e.amount) for e in after][:2] == [("held", 1), ("raw-1", -10)]  # committed: seen
     finally:
         await eng.dispose()
+
+
+async def test_on_sqlite_a_busy_database_sends_the_read_to_a_thread_and_the_loop_keeps_running(tmp_path):
+    """The hot reads run on the event loop only when SQLite answers at once. Under a lock a
+    read must wait for (here another connection's exclusive lock), the loop does not wait: the
+    read waits on a reader thread, the loop keeps serving, and the read answers once the lock
+    is gone."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "busy.db"
+    eng = create_engine(f"sqlite+aiosqlite:///{path}")
+    await create_schema_for_tests(eng)
+    try:
+        user = await _user(eng, 40)
+        await eng.dispose()  # no connection of ours left open: the lock below can be taken
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("SELECT count(*) FROM users").fetchall()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            for _ in range(200):  # bounded: 10 s at most
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        async def release_later() -> None:
+            await asyncio.sleep(1.0)
+            holder.execute("COMMIT")
+            holder.execute("PRAGMA locking_mode=NORMAL")
+            holder.execute("SELECT count(*) FROM users").fetchall()  # drops the exclusive lock
+            holder.close()
+
+        tick_task = asyncio.create_task(ticker())
+        release = asyncio.create_task(release_later())
+        started = time.monotonic()
+        balance, _ = await asyncio.wait_for(credits.account(eng, user), timeout=30)
+        waited = time.monotonic() - started
+        await release
+        tick_task.cancel()
+        assert balance == 40
+        assert waited >= 0.9, "the read did not wait for the lock: it was not held"
+        assert ticks >= 10, f"the event loop stalled while the read waited ({ticks} ticks in {waited:.1f} s)"
+    finally:
+        await eng.dispose()
