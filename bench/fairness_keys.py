@@ -23,7 +23,7 @@ from temporalio.common import Priority
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from bench.common import TEMPORAL_BIN, console, parser, print_table, resolve_paths, run_main, write_result
+from bench.common import DEV_SERVER_STARTUP, TEMPORAL_BIN, console, parser, print_table, resolve_paths, run_main, write_result
 
 ONE_PARTITION = ["matching.numTaskqueueReadPartitions=1", "matching.numTaskqueueWritePartitions=1"]
 ARMS = {
@@ -70,7 +70,8 @@ async def one_arm(flags: list[str], heavy: int) -> dict:
     for flag in flags:
         extra += ["--dynamic-config-value", flag]
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=str(TEMPORAL_BIN),
-                                                dev_server_extra_args=extra)
+                                                dev_server_extra_args=extra,
+                                                dev_server_startup_timeout=DEV_SERVER_STARTUP)
     try:
         client = env.client
         wf_queue, act_queue = f"wf-{uuid.uuid4().hex[:8]}", f"act-{uuid.uuid4().hex[:8]}"

@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    DEV_SERVER_STARTUP,
     SEARCH_ATTRIBUTE_KEYS,
     SQLITE_PRAGMAS,
     TEMPORAL_BIN,
@@ -51,7 +52,7 @@ async def main(out_dir: Path) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_BIN), search_attributes=SEARCH_ATTRIBUTE_KEYS,
         dev_server_database_filename=str(tmp / "temporal.db"), dev_server_extra_args=SQLITE_PRAGMAS,
-        dev_server_log_level="error", ui=True, ui_port=ui_port)
+        dev_server_log_level="error", ui=True, ui_port=ui_port, dev_server_startup_timeout=DEV_SERVER_STARTUP)
     s = Stack(tmp=tmp, env=env, client=env.client, address=env.client.service_client.config.target_host,
               server=None)
     shots = {}

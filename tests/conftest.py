@@ -10,6 +10,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ async def temporal_env():
         dev_server_existing_path=str(TEMPORAL_BIN),
         search_attributes=SEARCH_ATTRIBUTE_KEYS,
         dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+        dev_server_startup_timeout=timedelta(seconds=60),  # the SDK's 5 s is short on two busy cores
     )
     try:
         yield env

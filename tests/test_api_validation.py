@@ -165,7 +165,7 @@ async def test_unexpected_errors_are_a_generic_500(api: Api, monkeypatch, caplog
     async def broken(*_args, **_kwargs):
         raise RuntimeError(f"database exploded with {secret}")
 
-    monkeypatch.setattr(library.credits, "balance", broken)
+    monkeypatch.setattr(library.credits, "account", broken)
     quiet = httpx.AsyncClient(transport=httpx.ASGITransport(api.app, raise_app_exceptions=False),
                               base_url="http://testserver")
     async with quiet:
