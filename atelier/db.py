@@ -216,9 +216,9 @@ async def read_rows(engine: AsyncEngine, statements: Sequence[tuple[str, Mapping
     On a SQLite file they run straight on the DB-API cursor, on the event loop unless the
     database is busy (see _ThreadedReaderFactory.raw): SQLAlchemy's per-statement work (cache
     key, execution context, result) costs some 30 times the indexed lookup itself
-    (docs/benchmarks.md, "Issue 13, third pass"). Elsewhere they run
-    through `reading`. Values come back as the driver gives them: on SQLite a DateTime is its
-    stored text (`as_datetime` reads it)."""
+    (docs/benchmarks.md, "Issue 13, third pass"). Elsewhere they run through `reading`. Values
+    come back as the driver gives them: on SQLite a DateTime is its stored text (`as_datetime`
+    reads it)."""
     reader = _reader(engine) if engine.dialect.name == "sqlite" else None
     if isinstance(reader, _ThreadedReaderFactory) and reader.raw_path is not None:
         return await reader.raw(statements)
@@ -307,9 +307,9 @@ class _ThreadedReaderFactory:
         conn = getattr(self._raw_local, name, None)
         if conn is None:
             # Autocommit (isolation_level None): a read takes no write lock; WAL gives snapshots.
+            # `timeout` is SQLite's busy timeout: 0 answers busy at once.
             conn = sqlite3.connect(self.raw_path, timeout=60 if wait else 0, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={60000 if wait else 0}")
             setattr(self._raw_local, name, conn)
             self._raw_connections.append(conn)
         return conn
