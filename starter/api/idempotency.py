@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atelier.db import idempotency_keys
 from starter.api.errors import ApiError
@@ -48,20 +48,8 @@ def body_hash(body: BaseModel) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _cutoff(ttl_hours: float) -> datetime:
+def cutoff(ttl_hours: float) -> datetime:
     return datetime.now(timezone.utc) - timedelta(hours=ttl_hours)
-
-
-async def find(conn: AsyncConnection, *, user_id: str, key: str, ttl_hours: float) -> KeyRecord | None:
-    """The live row for (user, key), if any, read on the caller's connection."""
-    row = (await conn.execute(
-        select(idempotency_keys.c.task_id, idempotency_keys.c.body_hash).where(
-            idempotency_keys.c.user_id == user_id,
-            idempotency_keys.c.key == key,
-            idempotency_keys.c.created_at >= _cutoff(ttl_hours),
-        )
-    )).one_or_none()
-    return KeyRecord(row.task_id, row.body_hash, won=False) if row else None
 
 
 async def claim(engine: AsyncEngine, *, user_id: str, key: str, body_hash: str, task_id: str,
@@ -77,7 +65,7 @@ async def claim(engine: AsyncEngine, *, user_id: str, key: str, body_hash: str, 
         index_elements=["user_id", "key"],
         set_={"body_hash": insert.excluded.body_hash, "task_id": insert.excluded.task_id,
               "created_at": insert.excluded.created_at},
-        where=idempotency_keys.c.created_at < _cutoff(ttl_hours),
+        where=idempotency_keys.c.created_at < cutoff(ttl_hours),
     )
     async with engine.begin() as conn:
         written = await conn.execute(statement)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import files, users, reading
+from atelier.db import as_datetime, read_rows
 from atelier.messages import Priority
 from starter.api import idempotency
 
@@ -24,18 +23,27 @@ class SubmissionFacts:
 
 async def read_facts(engine: AsyncEngine, *, user_id: str, file_ids: list[str], idempotency_key: str | None,
                      ttl_hours: float) -> SubmissionFacts:
-    async with reading(engine) as conn:
-        row = (await conn.execute(select(users.c.balance, users.c.max_priority).where(users.c.id == user_id))).first()
-        uploads: dict[str, str] = {}
-        if file_ids:
-            rows = await conn.execute(
-                select(files.c.id, files.c.blob_key).where(
-                    files.c.id.in_(set(file_ids)), files.c.user_id == user_id, files.c.origin == "upload")
-            )
-            uploads = {r.id: r.blob_key for r in rows}
-        record = None
-        if idempotency_key is not None:
-            record = await idempotency.find(conn, user_id=user_id, key=idempotency_key, ttl_hours=ttl_hours)
-    return SubmissionFacts(balance=int(row.balance or 0) if row else 0,
-                           max_priority=row.max_priority if row else Priority.NORMAL.value,
+    """One snapshot, plain SQL through `read_rows`: on SQLite these run on the DB-API cursor, with
+    none of SQLAlchemy's per-statement work (most of what a submission spent on its reads)."""
+    statements: list[tuple[str, dict]] = [
+        ("SELECT balance, max_priority FROM users WHERE id = :u", {"u": user_id})]
+    wanted = sorted(set(file_ids))
+    if wanted:
+        marks = ", ".join(f":f{i}" for i in range(len(wanted)))
+        statements.append((f"SELECT id, blob_key FROM files WHERE user_id = :u AND origin = 'upload' "
+                           f"AND id IN ({marks})", {"u": user_id, **{f"f{i}": f for i, f in enumerate(wanted)}}))
+    if idempotency_key is not None:
+        # The TTL is checked here rather than in SQL: SQLite keeps the time as text.
+        statements.append(("SELECT task_id, body_hash, created_at FROM idempotency_keys "
+                           "WHERE user_id = :u AND key = :k", {"u": user_id, "k": idempotency_key}))
+    results = await read_rows(engine, statements)
+    user = results[0][0] if results[0] else None
+    uploads = {str(r[0]): str(r[1]) for r in results[1]} if wanted else {}
+    record = None
+    if idempotency_key is not None and results[-1]:
+        task_id, digest, created_at = results[-1][0]
+        if as_datetime(created_at) >= idempotency.cutoff(ttl_hours):
+            record = idempotency.KeyRecord(task_id, digest, won=False)
+    return SubmissionFacts(balance=int(user[0] or 0) if user else 0,
+                           max_priority=user[1] if user else Priority.NORMAL.value,
                            uploads=uploads, key_record=record)
