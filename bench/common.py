@@ -71,7 +71,17 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
                    help=f"where the JSON result goes (default: bench/results/{name}.json; with --quick, "
                         f"{QUICK_DIR}/{name}.json, so a smoke run never replaces real results)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and app databases, logs)")
+    p.add_argument("--dynamic-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dynamic config value for the dev server (repeatable), to measure a server setting")
     return p
+
+
+def dev_server_flags(args: argparse.Namespace) -> list[str]:
+    """The dev server flags `--dynamic-config` asked for."""
+    flags: list[str] = []
+    for value in getattr(args, "dynamic_config", []) or []:
+        flags += ["--dynamic-config-value", value]
+    return flags
 
 
 def resolve_paths(args: argparse.Namespace, name: str) -> argparse.Namespace:
@@ -80,7 +90,7 @@ def resolve_paths(args: argparse.Namespace, name: str) -> argparse.Namespace:
     if args.out is None:
         args.out = base / f"{name}.json"
     if getattr(args, "chart", "") is None:
-        args.chart = base / f"{name}.png"
+        args.chart = args.out.with_suffix(".png")  # beside the JSON, as the help says
     return args
 
 

@@ -27,6 +27,7 @@ from atelier.db import create_engine
 from atelier.messages import ImageInput
 from atelier.settings import Settings
 from bench.common import (
+    dev_server_flags,
     PROVIDERS,
     VARIANTS,
     ImageServer,
@@ -231,7 +232,7 @@ async def bench(args) -> None:
     started = time.time()
     n, delay = (20, 5.0) if args.quick else (args.count, args.delay)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         floor = await floor_arm(s, n, delay, args.grace) if args.floor else None
         shape = (await shape_floor_arm(s, n, delay, args.grace, Settings.model_fields["ai_heartbeat_s"].default)
                  if args.floor and args.shape_floor else None)

@@ -31,6 +31,7 @@ from temporalio.worker import Worker
 
 from atelier.messages import ImageInput
 from bench.common import (
+    dev_server_flags,
     ImageServer,
     console,
     make_users,
@@ -70,7 +71,7 @@ async def bench(args) -> None:
     started = time.time()
     side = 200 if args.quick else args.side
     max_images = 8
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         settings = s.settings(delay_s=0.0)
         await prepare_database(settings)
         deps = build_dependencies(settings)

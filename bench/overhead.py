@@ -31,6 +31,7 @@ from atelier.images import prepare_image
 from atelier.messages import ImageInput, StoredImage
 from atelier.providers.base import GenerationInput
 from bench.common import (
+    dev_server_flags,
     ImageServer,
     history_profile,
     make_users,
@@ -98,7 +99,7 @@ def activity_breakdown(history) -> dict[str, float]:
 async def bench(args) -> None:
     started = time.time()
     n, warmup = (3, 1) if args.quick else (args.runs, args.warmup)
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         settings = s.settings(delay_s=0.0)
         await prepare_database(settings)
         deps = build_dependencies(settings)

@@ -28,6 +28,7 @@ import psutil
 from atelier import credits, users
 from atelier.db import create_engine
 from bench.common import (
+    dev_server_flags,
     ImageServer,
     ManagedProcess,
     console,
@@ -77,7 +78,7 @@ async def bench(args) -> None:
     started = time.time()
     n = 5 if args.quick else args.in_flight
     duration, warmup, c = (1.5, 0.3, 5) if args.quick else (args.duration, args.warmup, args.concurrency)
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         port = free_port()
         settings = s.settings(api_host="127.0.0.1", api_port=port, admin_token=ADMIN)
         await prepare_database(settings)

@@ -33,6 +33,7 @@ from atelier import credits, users
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    dev_server_flags,
     ManagedProcess,
     console,
     parser,
@@ -248,7 +249,7 @@ async def bench(args) -> None:
     else:
         levels = [int(c) for c in args.concurrency.split(",")]
         duration, warmup, rate, open_s = args.duration, args.warmup, args.rate, args.open_seconds
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         port = free_port()
         settings = s.settings(api_host="127.0.0.1", api_port=port, admin_token="bench-admin-token")
         await prepare_database(settings)

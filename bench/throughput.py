@@ -23,6 +23,7 @@ from pathlib import Path
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    dev_server_flags,
     VARIANTS,
     ImageServer,
     Sampler,
@@ -154,7 +155,7 @@ async def bench(args) -> None:
     n_local = 3 if args.quick else args.count_local
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         n_floor = 3 if args.skip_floor else n
         floors = [await run_floor(s, n_floor, args.timeout)]
         arms = []

@@ -80,6 +80,8 @@ async def test_uvicorn_serves_the_whole_flow(harness, temporal_address, tmp_path
     # SIGTERM drains and exits cleanly.
     assert served.returncode == 0, served.log()[-3000:]
     assert "Shutting down" in served.log() and "Traceback" not in served.log()
+    # The whole flow above ran on uvloop and httptools (dependencies, chosen when they import).
+    assert "serving with the uvloop event loop and the httptools HTTP parser" in served.log()
 
 
 async def test_readyz_is_503_when_temporal_is_unreachable(harness):

@@ -34,6 +34,7 @@ EXPECTED = {
     "quota": {"total_vs_ideal", "utilisation_while_backlog", "jain_users_mean_wait", "provider_max_in_flight",
               "handoff_s", "goal_met", "chart"},
     "fairness_keys": {"default", "enableFairness"},
+    "burst": {"count", "bare", "api", "post_p99_vs_bare", "generations", "goals_met"},
 }
 TIMEOUT_S = 150
 
