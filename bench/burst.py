@@ -30,6 +30,7 @@ import psutil
 from atelier import credits, users
 from atelier.db import create_engine
 from bench.common import (
+    free_port,
     dev_server_flags,
     ImageServer,
     ManagedProcess,
@@ -54,7 +55,7 @@ from bench.common import (
     wait_for_pollers,
     write_result,
 )
-from bench.submit import RawHttpPool, free_port, wait_healthy
+from bench.submit import RawHttpPool, wait_healthy
 
 NAME = "burst"
 GOAL_POST_P99_S = 5.0

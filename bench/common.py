@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 # ---- command line and result files ------------------------------------------------------
 
 
-def parser(name: str, description: str) -> argparse.ArgumentParser:
+def parser(name: str, description: str, *, dev_server: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (smoke test)")
@@ -71,17 +72,30 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
                    help=f"where the JSON result goes (default: bench/results/{name}.json; with --quick, "
                         f"{QUICK_DIR}/{name}.json, so a smoke run never replaces real results)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and app databases, logs)")
-    p.add_argument("--dynamic-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="a dynamic config value for the dev server (repeatable), to measure a server setting")
+    if dev_server:
+        p.add_argument("--dynamic-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="a dynamic config value for the dev server (repeatable), to measure a server setting")
     return p
+
+
+def dynamic_config_flags(values) -> list[str]:
+    """`temporal server start-dev` flags setting each KEY=VALUE of dynamic config."""
+    flags: list[str] = []
+    for value in values:
+        flags += ["--dynamic-config-value", value]
+    return flags
 
 
 def dev_server_flags(args: argparse.Namespace) -> list[str]:
     """The dev server flags `--dynamic-config` asked for."""
-    flags: list[str] = []
-    for value in getattr(args, "dynamic_config", []) or []:
-        flags += ["--dynamic-config-value", value]
-    return flags
+    return dynamic_config_flags(args.dynamic_config)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def resolve_paths(args: argparse.Namespace, name: str) -> argparse.Namespace:

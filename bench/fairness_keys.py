@@ -23,7 +23,17 @@ from temporalio.common import Priority
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from bench.common import DEV_SERVER_STARTUP, TEMPORAL_BIN, console, parser, print_table, resolve_paths, run_main, write_result
+from bench.common import (
+    DEV_SERVER_STARTUP,
+    TEMPORAL_BIN,
+    console,
+    dynamic_config_flags,
+    parser,
+    print_table,
+    resolve_paths,
+    run_main,
+    write_result,
+)
 
 ONE_PARTITION = ["matching.numTaskqueueReadPartitions=1", "matching.numTaskqueueWritePartitions=1"]
 ARMS = {
@@ -66,9 +76,7 @@ class FairnessProbe:
 
 
 async def one_arm(flags: list[str], heavy: int) -> dict:
-    extra = ["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
-    for flag in flags:
-        extra += ["--dynamic-config-value", flag]
+    extra = dynamic_config_flags(["frontend.enableUpdateWorkflowExecution=true", *flags])
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=str(TEMPORAL_BIN),
                                                 dev_server_extra_args=extra,
                                                 dev_server_startup_timeout=DEV_SERVER_STARTUP)
@@ -108,7 +116,8 @@ async def main() -> None:
     heavy = 12 if args.quick else 40
     arms = {"default": ARMS["default"], "enableFairness": ARMS["enableFairness"]} if args.quick else ARMS
     results = {}
-    for name, flags in arms.items():
+    for name, arm_flags in arms.items():
+        flags = [*arm_flags, *args.dynamic_config]
         console.print(f"arm {name}: {flags or 'no flags'}")
         results[name] = {"flags": flags, **await one_arm(flags, heavy)}
     print_table(f"Where 4 light users' activities ran among {heavy + 4} (1 = first)",

@@ -22,13 +22,14 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import time
 import urllib.request
 import uuid
 from datetime import timedelta
 
 from bench.common import (
+    dev_server_flags,
+    free_port,
     console,
     parser,
     print_table,
@@ -54,12 +55,6 @@ COUNTED = {("service_requests", "RecordActivityTaskHeartbeat"): "heartbeat_rpcs"
            ("persistence_requests", "UpdateWorkflowExecution"): "workflow_writes"}
 _SAMPLE = re.compile(r'(\w+)\{([^}]*)\} ([0-9.eE+-]+)')
 _OPERATION = re.compile(r'operation="([^"]*)"')
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -165,8 +160,8 @@ async def bench(args) -> None:
     for t, every in arms:
         # A dev server of its own per arm: an arm's killed calls stay pending on the server and
         # would cost the next arm's window.
-        port = _free_port()
-        async with stack(NAME, keep_tmp=args.keep_tmp, server_args=["--metrics-port", str(port)]) as s:
+        port = free_port()
+        async with stack(NAME, keep_tmp=args.keep_tmp, server_args=["--metrics-port", str(port), *dev_server_flags(args)]) as s:
             console.print(f"{n} waiting calls, heartbeat timeout {t or 'none'}" + (f", beat every {every:g} s" if every else ""))
             results["arms"].append(await arm(s, n, t, every, window, settle, detect=not args.no_detect,
                                              metrics_port=port))

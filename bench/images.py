@@ -324,7 +324,7 @@ async def bench(args) -> None:
 
 
 def main() -> None:
-    p = parser(NAME, __doc__.split("\n\n")[0])
+    p = parser(NAME, __doc__.split("\n\n")[0], dev_server=False)
     p.add_argument("--runs", type=int, default=5, help="runs per method and image")
     p.add_argument("--child", choices=["time", "memory"], help=argparse_hidden())
     p.add_argument("--methods", help=argparse_hidden())

@@ -185,7 +185,7 @@ async def bench(args) -> None:
 def main() -> None:
     import argparse
 
-    p = parser(NAME, __doc__.split("\n\n")[0])
+    p = parser(NAME, __doc__.split("\n\n")[0], dev_server=False)
     p.add_argument("--runs", type=int, default=20, help="generations per arm and kind")
     p.add_argument("--waiting", type=int, default=100, help="calls waiting at once in the memory arm")
     p.add_argument("--delay", type=float, default=4.0, help="their delay, seconds")

@@ -29,6 +29,7 @@ from pathlib import Path
 from atelier.db import create_engine
 from atelier.messages import ImageInput, admission_workflow_id
 from bench.common import (
+    dev_server_flags,
     ImageServer,
     ManagedProcess,
     Sampler,
@@ -172,7 +173,7 @@ async def bench(args) -> None:
     started = time.time()
     n, n_users, quota, call_s = (40, 5, 4, 0.5) if args.quick else (args.count, args.users, args.quota, args.call_s)
     ideal = n / quota * call_s
-    async with stack(NAME, keep_tmp=args.keep_tmp) as s:
+    async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         fake_proc, url = start_quota_fake(s, quota, call_s)
         fake = RemoteFakeGemini(url)
         catalogue = s.tmp / "models.json"

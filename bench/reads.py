@@ -28,6 +28,7 @@ import psutil
 from atelier import credits, users
 from atelier.db import create_engine
 from bench.common import (
+    free_port,
     dev_server_flags,
     ImageServer,
     ManagedProcess,
@@ -45,7 +46,7 @@ from bench.common import (
     wait_for_pollers,
     write_result,
 )
-from bench.submit import RawHttpPool, closed_loop, free_port, wait_healthy
+from bench.submit import RawHttpPool, closed_loop, wait_healthy
 
 NAME = "reads"
 GOAL_CREDITS_RATIO = 0.5

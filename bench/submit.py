@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from atelier import credits, users
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    free_port,
     dev_server_flags,
     ManagedProcess,
     console,
@@ -116,12 +116,6 @@ class RawHttpPool:
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu(proc) -> float:

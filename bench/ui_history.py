@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    free_port,
     DEV_SERVER_STARTUP,
     SEARCH_ATTRIBUTE_KEYS,
     SQLITE_PRAGMAS,
@@ -33,7 +34,6 @@ from bench.common import (
     start_project_worker,
     wait_for_pollers,
 )
-from bench.submit import free_port
 from starter.service import build_request, start_generation
 
 
