@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import uuid
 from collections import OrderedDict
@@ -79,6 +80,8 @@ STAGE_OF_ACTIVITY = {
 }
 
 QUERY_TIMEOUT = timedelta(seconds=2)
+
+log = logging.getLogger(__name__)
 
 
 def new_task_id() -> str:
@@ -388,8 +391,6 @@ async def _failed_view(handle, desc, task_id, kind) -> GenerationView:
 async def wait_closed(client: Client, task_id: str, *, timeout_s: float) -> bool:
     """Wait up to `timeout_s` for the generation's workflow to close; True if it did. Reads its
     result (a long poll on the history): nothing is written to the workflow."""
-    import asyncio
-
     handle = client.get_workflow_handle(task_id, result_type=GenerationResult)
     try:
         await asyncio.wait_for(handle.result(), timeout=timeout_s)
@@ -501,18 +502,39 @@ async def closed_generations(client: Client, task_ids: list[str]) -> list[str]:
     return closed
 
 
-async def _delete_execution(client: Client, workflow_id: str) -> bool:
+# Codes a delete can meet from a busy or restarting server that are worth another try: the
+# dev server has answered CANCELLED ("operation was canceled") to a delete that came just after
+# the workflow closed. Deleting is idempotent (NOT_FOUND means already gone), so trying again is safe.
+_RETRIED_DELETE_CODES = frozenset({RPCStatusCode.CANCELLED, RPCStatusCode.UNAVAILABLE,
+                                   RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED,
+                                   RPCStatusCode.ABORTED})
+DELETE_BACKOFF_S = (0.2, 0.5, 1.0)
+DELETE_TIMEOUT = timedelta(seconds=10)
+
+
+async def _delete_execution(client: Client, workflow_id: str) -> bool | None:
+    """Delete one execution's history: True if deleted, False if it was already gone, None if
+    the server kept failing with a passing error (the history stays; erasing again removes it)."""
     from temporalio.api.common.v1 import WorkflowExecution as ExecutionRef
     from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 
-    try:
-        await client.workflow_service.delete_workflow_execution(DeleteWorkflowExecutionRequest(
-            namespace=client.namespace, workflow_execution=ExecutionRef(workflow_id=workflow_id)))
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return False
-        raise
-    return True
+    request = DeleteWorkflowExecutionRequest(namespace=client.namespace,
+                                             workflow_execution=ExecutionRef(workflow_id=workflow_id))
+    for attempt in range(len(DELETE_BACKOFF_S) + 1):
+        try:
+            await client.workflow_service.delete_workflow_execution(request, timeout=DELETE_TIMEOUT)
+            return True
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False
+            if err.status not in _RETRIED_DELETE_CODES:
+                raise
+            if attempt == len(DELETE_BACKOFF_S):
+                log.warning("Temporal would not delete %s (%s: %s); it stays until the next erase",
+                            workflow_id, err.status.name, err.message)
+                return None
+            await asyncio.sleep(DELETE_BACKOFF_S[attempt])
+    return None  # not reached: the loop returns on its last attempt
 
 
 @dataclass
@@ -520,14 +542,13 @@ class ErasedGenerations:
     canceled: int
     histories_deleted: int
     still_running: int
+    histories_left: int = 0
 
 
 async def erase_generations(client: Client, user_id: str, *, settle_s: float = 10.0) -> ErasedGenerations:
     """Cancel the user's running generations (they refund), then delete the histories of the
     closed ones and of their webhook deliveries: prompts and image references leave Temporal too.
     A generation still closing after `settle_s` keeps its history; erasing again removes it."""
-    import asyncio
-
     query = f"{SA_USER_ID}={_quoted(user_id)}"
     executions = [e async for e in client.list_workflows(query, limit=MAX_ERASED_GENERATIONS, rpc_timeout=LIST_TIMEOUT)]
     running = [e.id for e in executions if e.status == WorkflowExecutionStatus.RUNNING]
@@ -543,7 +564,7 @@ async def erase_generations(client: Client, user_id: str, *, settle_s: float = 1
         if pending:
             await asyncio.sleep(0.25)
     closed = [e.id for e in executions if e.id not in pending]
-    deleted = 0
+    deleted = left = 0
     for start in range(0, len(closed), 50):
         chunk = closed[start:start + 50]
         # Their webhook deliveries carry the generation object too: gone with them, finished or not.
@@ -551,10 +572,13 @@ async def erase_generations(client: Client, user_id: str, *, settle_s: float = 1
         children = [w.id async for w in client.list_workflows(family, limit=MAX_ERASED_GENERATIONS,
                                                               rpc_timeout=LIST_TIMEOUT) if w.id not in chunk]
         for workflow_id in children:
-            await _delete_execution(client, workflow_id)
+            left += await _delete_execution(client, workflow_id) is None
         for workflow_id in chunk:
-            deleted += await _delete_execution(client, workflow_id)
-    return ErasedGenerations(canceled=len(running), histories_deleted=deleted, still_running=len(pending))
+            outcome = await _delete_execution(client, workflow_id)
+            deleted += outcome is True
+            left += outcome is None
+    return ErasedGenerations(canceled=len(running), histories_deleted=deleted, still_running=len(pending),
+                             histories_left=left)
 
 
 # ---- the progress stream ----------------------------------------------------------------

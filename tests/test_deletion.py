@@ -410,3 +410,61 @@ async def test_erasing_a_user_cancels_their_running_generation_with_a_refund_and
         await api.http.post(f"/v1/generations/{ids['bob']}/cancel", headers=bob)
         await api.poll(bob, ids["bob"], until={"canceled"})
 
+
+
+async def test_erasing_a_user_survives_a_server_that_cancels_deletes_and_says_what_it_left(api: Api, monkeypatch):
+    """The dev server has answered a delete just after the workflow closed with CANCELLED ("operation
+    was canceled"); that once made erasing a user a 500 that left every file in place. A passing error
+    is tried again; one that does not pass leaves that history (counted, so the caller erases again) and
+    everything else is still erased."""
+    from starter import service
+
+    monkeypatch.setattr(service, "DELETE_BACKOFF_S", (0.01, 0.01, 0.01))
+    user_id, auth = await api.new_user()
+    async with api.harness.worker():
+        done = await _generate(api, auth, photo(240, 160, seed=41))
+    blobs = api.harness.deps.blobs
+    keys = {r.blob_key for r in await _refs(api, user_id=user_id)}
+    assert keys and all(blobs.exists(k) for k in keys)
+
+    workflow_service = api.harness.client.workflow_service
+    real_delete = workflow_service.delete_workflow_execution
+    calls: list[str] = []
+
+    def failing(times: int):
+        async def delete(request, **kw):
+            calls.append(request.workflow_execution.workflow_id)
+            if len(calls) <= times:
+                raise RPCError("operation was canceled", RPCStatusCode.CANCELLED, b"")
+            return await real_delete(request, **kw)
+        return delete
+
+    # Every attempt fails: 200, the history counted as left, the files gone all the same.
+    monkeypatch.setattr(workflow_service, "delete_workflow_execution", failing(times=100))
+    erased = await api.http.post(f"/v1/admin/users/{user_id}/erase", headers=api.admin)
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["histories_deleted"] == 0 and erased.json()["histories_left"] == 1
+    assert calls == [done["id"]] * (len(service.DELETE_BACKOFF_S) + 1)  # bounded: tried, then given up
+    assert not any(blobs.exists(k) for k in keys) and await _refs(api, user_id=user_id) == []
+    assert (await api.harness.client.get_workflow_handle(done["id"]).describe()).status \
+        == WorkflowExecutionStatus.COMPLETED  # still there, as the answer said
+
+    # Erasing again, the server failing once: tried again, deleted.
+    calls.clear()
+    monkeypatch.setattr(workflow_service, "delete_workflow_execution", failing(times=1))
+    erased = await api.http.post(f"/v1/admin/users/{user_id}/erase", headers=api.admin)
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["histories_deleted"] == 1 and erased.json()["histories_left"] == 0
+    assert calls == [done["id"]] * 2
+
+    # Another error is not swallowed: it is an incident, not a count.
+    calls.clear()
+    async def refused(request, **kw):
+        calls.append(request.workflow_execution.workflow_id)
+        raise RPCError("no", RPCStatusCode.PERMISSION_DENIED, b"")
+    other_id, other = await api.new_user()
+    async with api.harness.worker():
+        await _generate(api, other, photo(200, 150, seed=42))
+    monkeypatch.setattr(workflow_service, "delete_workflow_execution", refused)
+    erased = await api.http.post(f"/v1/admin/users/{other_id}/erase", headers=api.admin)
+    assert erased.status_code == 500 and len(calls) == 1

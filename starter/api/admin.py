@@ -98,11 +98,13 @@ async def erase_user(user_id: str = Path(max_length=64), ctx: ApiContext = Depen
     """Cancels the user's running generations (they refund), deletes their uploads, inputs, works
     and images (a blob another user also holds stays theirs) and the workflow histories of their
     generations. The ledger stays for accounting: amounts and reasons, no prompts, no images.
-    Safe to repeat; `still_running` > 0 means some generations were still closing: erase again."""
+    Safe to repeat; `still_running` or `histories_left` > 0 means some histories are still there
+    (a generation still closing, or a passing Temporal error): erase again."""
     if not await users.user_exists(ctx.engine, user_id):
         raise not_found("no such user")
     generations = await service.erase_generations(ctx.client, user_id)
     erased = await deletion.erase_user(ctx.engine, ctx.blobs, user_id)
     return {"user_id": user_id, "works": erased.works, "uploads": erased.uploads, "inputs": erased.inputs,
             "blobs_deleted": len(erased.blobs_deleted), "generations_canceled": generations.canceled,
-            "histories_deleted": generations.histories_deleted, "still_running": generations.still_running}
+            "histories_deleted": generations.histories_deleted, "still_running": generations.still_running,
+            "histories_left": generations.histories_left}

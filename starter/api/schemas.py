@@ -240,6 +240,8 @@ class ErasedUser(BaseModel):
     generations_canceled: int = Field(description="running generations canceled (their credits are refunded)")
     histories_deleted: int = Field(description="generation histories deleted from Temporal")
     still_running: int = Field(description="generations still closing: their histories stay until the next erase")
+    histories_left: int = Field(description="histories Temporal kept failing to delete this time (a passing server "
+                                            "error, retried): they stay until the next erase")
 
 
 class Balance(BaseModel):
