@@ -41,13 +41,23 @@ def _digest(secret: bytes, key: str, owner: str, expires: int) -> str:
 
 @dataclass(frozen=True)
 class LinkSigner:
-    """Makes and checks signed image links. `ttl_s` is how long a new link stays valid."""
+    """Makes and checks signed image links. `ttl_s` is how long a new link stays valid at least.
+
+    The expiry is rounded up to a step of a twelfth of the lifetime (5 minutes of an hour): the
+    links made within one step are the same URL, so a client polling a generation, a browser's
+    cache or a CDN sees one link per image, not a new one per read (an `<img>` whose URL changed
+    loads the image again). A link lives between `ttl_s` and `ttl_s` plus one step."""
 
     secret: bytes
     ttl_s: int
 
+    @property
+    def step_s(self) -> int:
+        return max(1, self.ttl_s // 12)
+
     def sign(self, base_url: str, key: str, owner: str, *, now: float | None = None) -> str:
-        expires = int(now if now is not None else time.time()) + self.ttl_s
+        earliest = int(now if now is not None else time.time()) + self.ttl_s
+        expires = -(-earliest // self.step_s) * self.step_s
         sig = _digest(self.secret, key, owner, expires)
         return f"{base_url.rstrip('/')}/v1/images/{key}?owner={owner}&expires={expires}&sig={sig}"
 

@@ -29,11 +29,28 @@ def _parts(url: str) -> tuple[str, dict[str, str]]:
 
 def test_a_link_verifies_until_it_expires_and_not_after():
     _, q = _parts(SIGNER.sign("http://x", KEY, "usr_1", now=1_000))
-    assert q["expires"] == str(1_000 + 3600)
-    SIGNER.verify(KEY, "usr_1", q["expires"], q["sig"], now=1_000 + 3599)
+    assert q["expires"] == str(4_800)  # 1,000 + 3,600 rounded up to the 300 s step
+    SIGNER.verify(KEY, "usr_1", q["expires"], q["sig"], now=4_799)
     with pytest.raises(LinkRefused) as expired:
-        SIGNER.verify(KEY, "usr_1", q["expires"], q["sig"], now=1_000 + 3600)
+        SIGNER.verify(KEY, "usr_1", q["expires"], q["sig"], now=4_800)
     assert expired.value.code == "LinkExpired"
+
+
+@pytest.mark.parametrize("ttl_s", [60, 3600, 7 * 24 * 3600])
+def test_links_made_within_one_step_are_the_same_url_and_live_at_least_their_lifetime(ttl_s):
+    """A client polling a generation gets one URL per image (its browser loads the image once),
+    not a new one per read; every link is still valid for the whole lifetime it promises."""
+    signer = LinkSigner(b"k" * 32, ttl_s)
+    step = signer.step_s
+    assert step == ttl_s // 12
+    start = 1_700_000_000 - 1_700_000_000 % step  # a step boundary
+    links = {now: signer.sign("http://x", KEY, "usr_1", now=now) for now in range(start + 1, start + step + 1, max(1, step // 7))}
+    assert len(set(links.values())) == 1  # the whole step: one link
+    for now, link in links.items():
+        expires = int(_parts(link)[1]["expires"])
+        assert now + ttl_s <= expires < now + ttl_s + step
+    later = signer.sign("http://x", KEY, "usr_1", now=start + step + 1)
+    assert later != links[start + 1] and int(_parts(later)[1]["expires"]) == start + ttl_s + 2 * step
 
 
 @pytest.mark.parametrize("change", ["key", "owner", "expires", "sig", "secret", "garbage"])
@@ -76,14 +93,15 @@ async def test_an_image_link_loads_without_a_key_and_refuses_tampering_and_expir
     path, q = _parts(image["url"])
     key = path.rsplit("/", 1)[1]
     assert path == f"/v1/images/{key}" and q["owner"] == user_id
-    # Fresh: valid for the configured lifetime from now.
-    assert abs(int(q["expires"]) - (time.time() + api.settings.url_ttl_s)) < 30
+    # Fresh: valid for the configured lifetime from now, and at most one step (ttl / 12) more.
+    ttl = api.settings.url_ttl_s
+    assert time.time() + ttl - 30 < int(q["expires"]) < time.time() + ttl + ttl // 12
 
     loaded = await api.http.get(image["url"])  # no Authorization header at all
     assert loaded.status_code == 200, loaded.text
     assert loaded.headers["content-type"] == image["content_type"]
     assert Image.open(io.BytesIO(loaded.content)).size == (image["width"], image["height"])
-    assert int(loaded.headers["cache-control"].split("max-age=")[1]) <= api.settings.url_ttl_s
+    assert int(loaded.headers["cache-control"].split("max-age=")[1]) <= ttl + ttl // 12
 
     async def refused(query: dict, expected_code: str) -> None:
         answer = await api.http.get(f"{path}?{urlencode(query)}")
@@ -102,11 +120,13 @@ async def test_an_image_link_loads_without_a_key_and_refuses_tampering_and_expir
     expired = await api.http.get(expired_url)
     assert expired.status_code == 403 and expired.json()["error"]["code"] == "LinkExpired"
 
-    # A second GET hands out a link of its own, valid from the time of that GET.
+    # A second GET hands out a link valid for the whole lifetime from the time of that GET: the
+    # same link while that still holds (within one step), so a browser loads the image once.
     await asyncio.sleep(1.1)
     again = (await api.http.get(f"/v1/generations/{done['id']}", headers=auth)).json()
     _, q2 = _parts(again["result"]["images"][0]["url"])
-    assert int(q2["expires"]) > int(q["expires"])
+    assert int(q2["expires"]) >= time.time() + ttl - 1
+    assert q2 == q or int(q2["expires"]) == int(q["expires"]) + ttl // 12  # or the step turned meanwhile
 
     # The works list hands out signed links too.
     work = (await api.http.get(f"/v1/works/{done['result']['work_id']}", headers=auth)).json()
