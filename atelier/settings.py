@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_concurrent_ai_calls: int = Field(default=1000, ge=1)
     max_concurrent_workflow_tasks: int = Field(default=200, ge=1)
     max_cached_workflows: int = Field(default=2000, ge=0)
+    workflow_sandbox: bool = False
 
     # --- credits
     cost_photography: int = Field(default=10, ge=0)
@@ -183,6 +184,8 @@ DESCRIPTIONS = {
     "max_concurrent_ai_calls": "AI calls one worker runs at once (the provider's quota)",
     "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
     "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
+    "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox (as the tests "
+                        "and replays check them); off, a burst costs the worker less CPU (docs/benchmarks.md)",
     "cost_photography": "credits charged for a photography generation",
     "cost_fitting": "credits charged for a fitting generation",
     "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",
@@ -222,7 +225,8 @@ DESCRIPTIONS = {
     "idempotency_ttl_hours": "how long an Idempotency-Key is remembered (at least 24)",
     "url_signing_secret": "HMAC key of the signed image links in answers and webhooks, 32+ characters "
                           "(unset: image links need the API key)",
-    "url_ttl_s": "seconds a signed image link stays valid",
+    "url_ttl_s": "seconds a signed image link stays valid at least; its expiry is rounded up to a twelfth of "
+                 "this, so the links made meanwhile are one URL a browser caches",
     "events_poll_s": "how often the progress stream asks the workflow for changes (its `events` query)",
     "events_keepalive_s": "seconds between keep-alive comments on an idle progress stream",
     "read_watch_max": "running generations each API process watches (a long poll on the history, a query only "

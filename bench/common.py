@@ -432,7 +432,7 @@ def clean_env(*, bytecode_cache: bool = True, **values: str) -> dict[str, str]:
 _ENV_FIELDS = ("temporal_address", "database_url", "blob_dir", "blob_fsync", "task_queue", "ai_task_queue",
                "allow_private_urls", "ai_provider", "local_ai_delay_s", "max_concurrent_activities",
                "max_concurrent_ai_calls", "max_concurrent_workflow_tasks", "max_cached_workflows",
-               "database_pool_size")
+               "database_pool_size", "workflow_sandbox")
 
 
 def settings_env(settings: Settings, *, bytecode_cache: bool = True, **extra: str) -> dict[str, str]:
@@ -665,7 +665,9 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "shipped": Variant("as shipped"),
     "ai-same-queue": Variant("call_ai on the main task queue (eager dispatch)", (("ai_task_queue", "="),)),
-    "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
+    "sandboxed": Variant("the workflows in the SDK's sandbox (as shipped until 2026-12)", (("workflow_sandbox", True),)),
+    "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time",
+                           (("workflow_sandbox", True),), bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),
     "proposed": Variant("the proposed changes (docs/benchmarks.md)", patches=("local-activities",)),

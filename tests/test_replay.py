@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from atelier.messages import ImageInput
 from tests.fakes import images as fake_images
@@ -67,9 +68,16 @@ def test_every_required_history_is_recorded():
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
 
+# The workers run the workflows unsandboxed (worker.py); the sandbox replay is the guard that the
+# code makes no non-deterministic call (tests/test_sandbox.py).
+RUNNERS = {"unsandboxed": UnsandboxedWorkflowRunner, "sandboxed": SandboxedWorkflowRunner}
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
 @pytest.mark.parametrize("path", ALL_HISTORIES, ids=[str(p.relative_to(HISTORIES)) for p in ALL_HISTORIES])
-async def test_recorded_history_replays_against_current_code(path):
-    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow])
+async def test_recorded_history_replays_against_current_code(path, runner):
+    replayer = Replayer(workflows=[GenerationWorkflow, WebhookDeliveryWorkflow, ModelAdmissionWorkflow],
+                        workflow_runner=RUNNERS[runner]())
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
