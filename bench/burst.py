@@ -33,8 +33,10 @@ from bench.common import (
     free_port,
     dev_server_flags,
     ImageServer,
+    VARIANTS,
     ManagedProcess,
     Sampler,
+    apply_variant,
     closed_workflows,
     console,
     history_profile,
@@ -94,7 +96,7 @@ async def bench(args) -> None:
     delay = 2.0 if args.quick else args.delay
     async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         port = free_port()
-        settings = s.settings(delay_s=delay, api_host="127.0.0.1", api_port=port)
+        settings, v = apply_variant(s.settings(delay_s=delay, api_host="127.0.0.1", api_port=port), args.variant)
         await prepare_database(settings)
         engine = create_engine(settings.database_url)
         cost = settings.cost_of("photography")
@@ -108,7 +110,8 @@ async def bench(args) -> None:
         api = ManagedProcess("api", [sys.executable, "-m", "starter.api"], env=env, log_dir=s.tmp).start()
         s.children.append(api)
         await wait_healthy(f"http://127.0.0.1:{port}", api)
-        workers = [start_project_worker(s, settings, f"worker-{i}") for i in range(args.workers)]
+        workers = [start_project_worker(s, settings, f"worker-{i}", bytecode_cache=v.bytecode_cache, patches=v.patches)
+                   for i in range(args.workers)]
         for worker in workers:
             if args.worker_nice:
                 worker.ps.nice(args.worker_nice)
@@ -211,6 +214,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (`make run` starts one)")
     p.add_argument("--worker-nice", type=int, default=0, help="run the workers at this niceness")
     p.add_argument("--grace", type=float, default=240.0, help="seconds past the delay before giving up")
+    p.add_argument("--variant", default="shipped", choices=sorted(VARIANTS),
+                   help="run the workers as this variant (bench.common.VARIANTS) instead of as shipped")
     args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
