@@ -132,9 +132,9 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
     common.update(worker_options)
     if not s.workflow_sandbox:
         # The sandbox re-imports a workflow's module for every new instance and proxies its
-        # calls: a fifth of the worker's CPU in a burst (docs/benchmarks.md). The workflows are
-        # checked in it all the same: the tests run a generation sandboxed and replay every
-        # recorded history in it, so a non-deterministic call still fails CI.
+        # calls: a third of the worker's CPU in a burst. Off, the workflows are still checked in
+        # it (the tests run them sandboxed and replay every recorded history in both runners),
+        # but see docs/benchmarks.md (issue 13, fifth pass) before turning it off.
         common.setdefault("workflow_runner", UnsandboxedWorkflowRunner())
     workers: list[Worker] = []
     same_queue = ai_task_queue == task_queue

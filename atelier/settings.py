@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_concurrent_ai_calls: int = Field(default=1000, ge=1)
     max_concurrent_workflow_tasks: int = Field(default=200, ge=1)
     max_cached_workflows: int = Field(default=2000, ge=0)
-    workflow_sandbox: bool = False
+    workflow_sandbox: bool = True
 
     # --- credits
     cost_photography: int = Field(default=10, ge=0)
@@ -184,8 +184,9 @@ DESCRIPTIONS = {
     "max_concurrent_ai_calls": "AI calls one worker runs at once (the provider's quota)",
     "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
     "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
-    "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox (as the tests "
-                        "and replays check them); off, a burst costs the worker less CPU (docs/benchmarks.md)",
+    "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox; `false` saves "
+                        "a third of the worker's CPU in a burst but, on a saturated dev server, let a few AI calls "
+                        "in a thousand time out falsely (docs/benchmarks.md): not advised yet",
     "cost_photography": "credits charged for a photography generation",
     "cost_fitting": "credits charged for a fitting generation",
     "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",

@@ -665,9 +665,9 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "shipped": Variant("as shipped"),
     "ai-same-queue": Variant("call_ai on the main task queue (eager dispatch)", (("ai_task_queue", "="),)),
-    "sandboxed": Variant("the workflows in the SDK's sandbox (as shipped until 2026-12)", (("workflow_sandbox", True),)),
-    "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time",
-                           (("workflow_sandbox", True),), bytecode_cache=False),
+    "unsandboxed": Variant("the workflows outside the SDK's sandbox (ATELIER_WORKFLOW_SANDBOX=false)",
+                           (("workflow_sandbox", False),)),
+    "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),
     "proposed": Variant("the proposed changes (docs/benchmarks.md)", patches=("local-activities",)),

@@ -1,6 +1,6 @@
 """GenerationWorkflow reading the wall clock (a non-deterministic call workflow code must never
-make), used to prove the sandbox run of the tests still catches one now that the workers run the
-workflows outside it. Its own module: the sandbox re-imports the module a workflow is defined in."""
+make), used to prove the sandbox catches one that the unsandboxed runner (ATELIER_WORKFLOW_SANDBOX
+=false) lets through. Its own module: the sandbox re-imports the module a workflow is defined in."""
 
 from datetime import datetime
 

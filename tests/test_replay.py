@@ -68,8 +68,8 @@ def test_every_required_history_is_recorded():
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
 
-# The workers run the workflows unsandboxed (worker.py); the sandbox replay is the guard that the
-# code makes no non-deterministic call (tests/test_sandbox.py).
+# Workers run the workflows in the sandbox unless ATELIER_WORKFLOW_SANDBOX=false (worker.py): every
+# history replays in both (tests/test_sandbox.py proves the sandbox catches what the other misses).
 RUNNERS = {"unsandboxed": UnsandboxedWorkflowRunner, "sandboxed": SandboxedWorkflowRunner}
 
 

@@ -1,7 +1,8 @@
-"""The workers run the workflows outside the SDK's sandbox (it re-imports a workflow's module for
-every new instance and proxies its calls: a fifth of the worker's CPU in a burst). The sandbox
-still guards the code: a generation runs in it here, every recorded history replays in it
-(tests/test_replay.py), and a non-deterministic call is still caught by it."""
+"""ATELIER_WORKFLOW_SANDBOX: the workers run the workflows in the SDK's sandbox by default; turned
+off, they run outside it (the sandbox re-imports a workflow's module for every new instance and
+proxies its calls: a third of the worker's CPU in a burst). Either way the sandbox guards the
+code: every test worker but these runs in it, every recorded history replays under both runners
+(tests/test_replay.py), and a non-deterministic call is caught by it."""
 
 from __future__ import annotations
 
@@ -24,18 +25,17 @@ def _runner(worker):
     return worker.config()["workflow_runner"]
 
 
-async def test_workers_run_the_workflows_unsandboxed_unless_the_sandbox_is_asked_for(harness_factory):
+async def test_workers_run_the_workflows_in_the_sandbox_unless_it_is_turned_off(harness_factory):
     shipped = await harness_factory()
-    main, admission = build_workers(shipped.client, shipped.deps, only="main")
-    assert isinstance(_runner(main), UnsandboxedWorkflowRunner)
-    assert isinstance(_runner(admission), UnsandboxedWorkflowRunner)
-    sandboxed = await harness_factory(workflow_sandbox=True)
-    main, _ = build_workers(sandboxed.client, sandboxed.deps, only="main")
+    main, _ = build_workers(shipped.client, shipped.deps, only="main")
     assert isinstance(_runner(main), SandboxedWorkflowRunner)
+    outside = await harness_factory(workflow_sandbox=False)
+    main, _ = build_workers(outside.client, outside.deps, only="main")
+    assert isinstance(_runner(main), UnsandboxedWorkflowRunner)
 
 
-async def test_a_generation_completes_in_the_sandbox(harness_factory):
-    h = await harness_factory(workflow_sandbox=True)
+async def test_a_generation_completes_outside_the_sandbox(harness_factory):
+    h = await harness_factory(workflow_sandbox=False)
     user = await h.user(100)
     async with h.worker():
         handle = await h.start(user, "fitting", await inputs(h, user, 2), prompt="soft light")
@@ -45,10 +45,10 @@ async def test_a_generation_completes_in_the_sandbox(harness_factory):
     assert await h.balance(user) == 100 - h.settings.cost_fitting
 
 
-async def test_a_failed_generation_refunds_in_the_sandbox(harness_factory):
+async def test_a_failed_generation_refunds_outside_the_sandbox(harness_factory):
     async with FakeGemini(api_key="test-key") as fake:
         fake.default = Reply.status(400, message="bad request")
-        h = await gemini_harness(harness_factory, fake, workflow_sandbox=True)
+        h = await gemini_harness(harness_factory, fake, workflow_sandbox=False)
         user = await h.user(100)
         async with h.worker():
             handle = await h.start(user, "photography", await inputs(h, user, 1))
@@ -58,7 +58,7 @@ async def test_a_failed_generation_refunds_in_the_sandbox(harness_factory):
     assert await h.ledger(handle.id) == (10, 10) and await h.balance(user) == 100
 
 
-async def test_the_sandbox_still_catches_a_clock_read_that_the_unsandboxed_runner_lets_through():
+async def test_the_sandbox_catches_a_clock_read_that_the_unsandboxed_runner_lets_through():
     history = load("success")
     caught = await Replayer(workflows=[ClockReadingGenerationWorkflow, WebhookDeliveryWorkflow],
                             workflow_runner=SandboxedWorkflowRunner()).replay_workflow(
