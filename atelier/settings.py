@@ -185,8 +185,9 @@ DESCRIPTIONS = {
     "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
     "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
     "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox; `false` saves "
-                        "a third of the worker's CPU in a burst but, on a saturated dev server, let a few AI calls "
-                        "in a thousand time out falsely (docs/benchmarks.md): not advised yet",
+                        "a third of the worker's CPU in a burst, but on a saturated dev server a few AI calls in a "
+                        "thousand were dispatched, never reached the worker and waited out their heartbeat timeout "
+                        "(docs/benchmarks.md): not advised yet",
     "cost_photography": "credits charged for a photography generation",
     "cost_fitting": "credits charged for a fitting generation",
     "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",

@@ -667,6 +667,8 @@ VARIANTS: dict[str, Variant] = {
     "ai-same-queue": Variant("call_ai on the main task queue (eager dispatch)", (("ai_task_queue", "="),)),
     "unsandboxed": Variant("the workflows outside the SDK's sandbox (ATELIER_WORKFLOW_SANDBOX=false)",
                            (("workflow_sandbox", False),)),
+    "unsandboxed-heartbeat-22s": Variant("outside the sandbox, heartbeats sent every 22 s (two per window)",
+                                         (("workflow_sandbox", False),), patches=("heartbeat-twice-per-window",)),
     "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),
