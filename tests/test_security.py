@@ -426,7 +426,9 @@ async def test_webhook_to_a_name_resolving_private_is_refused_by_the_guard_witho
     view = await world.wait_terminal(user, task_id, timeout=60)
     assert view["status"] == "completed"  # a webhook never changes the outcome
     with pytest.raises(WorkflowFailureError) as failure:
-        await asyncio.wait_for(world.client.get_workflow_handle(f"{task_id}-webhook").result(), timeout=60)
+        # UrlRefused fails the delivery at once; the bound leaves room for a task the loaded CI
+        # server dispatches and loses (the notify activity's 30 s start-to-close brings it back).
+        await asyncio.wait_for(world.client.get_workflow_handle(f"{task_id}-webhook").result(), timeout=150)
     cause = failure.value.cause.cause
     assert isinstance(cause, ApplicationError) and cause.type == "UrlRefused"
     assert guarded.transport.refused == [] and guarded.jail == []
