@@ -34,7 +34,7 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.service import RPCError
-from temporalio.worker import PollerBehaviorAutoscaling, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker
 
 from activities.admission import AdmissionActivities
 from activities.ai import AiActivities
@@ -125,16 +125,21 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
                          base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}",
                          links=signer_from(s)).notify,
     ]
+    # A fixed number of long polls per queue, not the SDK's autoscaling pollers: scaling down
+    # cancels polls, and under load the server can hand a task to a poll as it is canceled. The
+    # task is then recorded as started and never reaches the worker: an AI call lost that way
+    # waited out its 55 s heartbeat timeout (temporalio/temporal#1058; docs/benchmarks.md, issue
+    # 13, sixth pass). A fixed poll is only ever ended by the server's long-poll timeout.
     common = dict(
-        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
-        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
+        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=s.task_queue_polls),
+        activity_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=s.task_queue_polls),
     )
     common.update(worker_options)
     if not s.workflow_sandbox:
-        # The sandbox re-imports a workflow's module for every new instance and proxies its
-        # calls: a third of the worker's CPU in a burst. Off, the workflows are still checked in
-        # it (the tests run them sandboxed and replay every recorded history in both runners),
-        # but see docs/benchmarks.md (issue 13, fifth pass) before turning it off.
+        # The default. The sandbox re-imports a workflow's module for every new instance and
+        # proxies its calls: a third of the worker's CPU in a burst. The workflows are still
+        # checked in it: the tests run them sandboxed and replay every recorded history under
+        # both runners (docs/benchmarks.md, issue 13, fifth and sixth passes).
         common.setdefault("workflow_runner", UnsandboxedWorkflowRunner())
     workers: list[Worker] = []
     same_queue = ai_task_queue == task_queue

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     max_concurrent_ai_calls: int = Field(default=1000, ge=1)
     max_concurrent_workflow_tasks: int = Field(default=200, ge=1)
     max_cached_workflows: int = Field(default=2000, ge=0)
-    workflow_sandbox: bool = True
+    task_queue_polls: int = Field(default=5, ge=2)
+    workflow_sandbox: bool = False
 
     # --- credits
     cost_photography: int = Field(default=10, ge=0)
@@ -184,10 +185,13 @@ DESCRIPTIONS = {
     "max_concurrent_ai_calls": "AI calls one worker runs at once (the provider's quota)",
     "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
     "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
-    "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox; `false` saves "
-                        "a third of the worker's CPU in a burst, but on a saturated dev server a few AI calls in a "
-                        "thousand were dispatched, never reached the worker and waited out their heartbeat timeout "
-                        "(docs/benchmarks.md): not advised yet",
+    "task_queue_polls": "long polls a worker keeps open on each of its task queues, for workflow tasks and for "
+                        "activities alike: a fixed number (the SDK's autoscaling pollers cancel polls under load, "
+                        "and a task the server handed to a canceled poll waits out its timeout; docs/benchmarks.md)",
+    "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox; off by default: "
+                        "it costs a third of the worker's CPU in a burst, and the tests run every workflow in it and "
+                        "replay every recorded history under both runners, so a non-deterministic call is caught "
+                        "before it ships (docs/benchmarks.md)",
     "cost_photography": "credits charged for a photography generation",
     "cost_fitting": "credits charged for a fitting generation",
     "allow_private_urls": "let image and webhook URLs reach loopback, private and link-local addresses (tests and local runs only)",

@@ -39,9 +39,9 @@ from bench.common import (
     apply_variant,
     closed_workflows,
     console,
+    activity_timeouts,
     history_profile,
     print_profile,
-    sample_histories,
     parser,
     prepare_database,
     print_table,
@@ -154,9 +154,12 @@ async def bench(args) -> None:
                 t_done = sampler.now()
             closed = [c for c in await closed_workflows(s.client, settings.task_queue)
                       if c.workflow_id.startswith("gen")]
-            # Where the slowest spent their time: the 20 slowest histories, step by step.
-            slowest = sorted((c for c in closed if c.close is not None), key=lambda c: c.seconds)[-20:]
-            profile = history_profile(await sample_histories(s.client, [c.workflow_id for c in slowest]))
+            # Where the slowest spent their time: the 20 slowest histories, step by step; and the
+            # activities that timed out among the 60 slowest (a timed-out attempt ends a minute late).
+            slowest = sorted((c for c in closed if c.close is not None), key=lambda c: c.seconds)[-60:]
+            histories = [await s.client.get_workflow_handle(c.workflow_id).fetch_history() for c in slowest]
+            profile = history_profile(histories[-20:])
+            timeouts = activity_timeouts(histories)
         statuses: dict[str, int] = {}
         for c in closed:
             statuses[c.status] = statuses.get(c.status, 0) + 1
@@ -175,6 +178,7 @@ async def bench(args) -> None:
                             "api_peak_mb": round(sampler.peak("api"), 1),
                             "cpu_s": {k: round(sampler.cpu_between(k, t_api, t_done) * (t_done - t_api), 1)
                                       for k in procs},
+                            "activity_timeouts_in_60_slowest": timeouts,
                             "profile": profile},
         })
         for worker in workers:
@@ -201,6 +205,7 @@ async def bench(args) -> None:
     ], caption=f"goals: all complete, slowest <= {GOAL_SLOWEST_VS_DELAY}x the delay, worker < "
                f"{GOAL_WORKER_MB:g} MB: {results['goals_met']}")
     print_profile("where the 20 slowest spent their time (mean of their histories)", g["profile"])
+    console.print(f"activities timed out among the 60 slowest: {timeouts}")
     write_result(NAME, args, results, goals={"post_p99_max_s": GOAL_POST_P99_S, "post_vs_bare_max": GOAL_POST_VS_BARE,
                                              "slowest_vs_delay_max": GOAL_SLOWEST_VS_DELAY,
                                              "worker_peak_max_mb": GOAL_WORKER_MB}, started=started)

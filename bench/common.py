@@ -665,10 +665,27 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "shipped": Variant("as shipped"),
     "ai-same-queue": Variant("call_ai on the main task queue (eager dispatch)", (("ai_task_queue", "="),)),
+    "sandboxed": Variant("the workflows in the SDK's sandbox (ATELIER_WORKFLOW_SANDBOX=true, the default before "
+                         "the sixth pass)", (("workflow_sandbox", True),)),
     "unsandboxed": Variant("the workflows outside the SDK's sandbox (ATELIER_WORKFLOW_SANDBOX=false)",
                            (("workflow_sandbox", False),)),
     "unsandboxed-heartbeat-22s": Variant("outside the sandbox, heartbeats sent every 22 s (two per window)",
                                          (("workflow_sandbox", False),), patches=("heartbeat-twice-per-window",)),
+    "autoscaling-pollers": Variant("the SDK's autoscaling pollers (as shipped before the sixth pass)",
+                                   patches=("autoscaling-pollers",)),
+    "unsandboxed-autoscaling-pollers": Variant("outside the sandbox, with the SDK's autoscaling pollers",
+                                               (("workflow_sandbox", False),), patches=("autoscaling-pollers",)),
+    # Diagnostics: what each extra of a generation's history costs the server (bench/patched.py).
+    "unsandboxed-no-patch-marker": Variant("outside the sandbox, no patch marker (diagnostic)",
+                                           (("workflow_sandbox", False),), patches=("no-patch-marker",)),
+    "unsandboxed-no-upserts": Variant("outside the sandbox, no search-attribute upserts (diagnostic)",
+                                      (("workflow_sandbox", False),), patches=("no-search-attribute-upserts",)),
+    "unsandboxed-no-deadline-timer": Variant("outside the sandbox, no deadline timer (diagnostic)",
+                                             (("workflow_sandbox", False),), patches=("no-deadline-timer",)),
+    "unsandboxed-bare-history": Variant("outside the sandbox, none of the three (diagnostic)",
+                                        (("workflow_sandbox", False),),
+                                        patches=("no-patch-marker", "no-search-attribute-upserts",
+                                                 "no-deadline-timer")),
     "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),
@@ -736,6 +753,25 @@ def history_profile(histories: list) -> dict[str, dict[str, float]]:
                    "queued_ms": round(row["queued_ms"] / max(1, row["count"]), 1),
                    "running_ms": round(row["running_ms"] / max(1, row["count"]), 1)}
             for name, row in sums.items()}
+
+
+def activity_timeouts(histories: list) -> dict[str, int]:
+    """Activity attempts that timed out in these histories, by activity type and kind of timeout
+    (e.g. {"call_ai/HEARTBEAT": 3}); empty when none did."""
+    from temporalio.api.enums.v1 import EventType as E
+    from temporalio.api.enums.v1 import TimeoutType
+
+    found: dict[str, int] = {}
+    for history in histories:
+        by_id = {ev.event_id: ev for ev in history.events}
+        for ev in history.events:
+            if ev.event_type != E.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+                continue
+            attrs = ev.activity_task_timed_out_event_attributes
+            name = by_id[attrs.scheduled_event_id].activity_task_scheduled_event_attributes.activity_type.name
+            kind = TimeoutType.Name(attrs.failure.timeout_failure_info.timeout_type).removeprefix("TIMEOUT_TYPE_")
+            found[f"{name}/{kind}"] = found.get(f"{name}/{kind}", 0) + 1
+    return found
 
 
 async def sample_histories(client: Client, workflow_ids: list[str], k: int = 20) -> list:

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from temporalio import activity, workflow
 from temporalio.client import Client
-from temporalio.worker import PollerBehaviorAutoscaling, Worker
+from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
 FLOOR_ACTIVITIES = 6  # the generation's five activities plus a notify slot, as the issue counts them
 
@@ -155,8 +155,8 @@ def floor_worker(client: Client, task_queue: str, *, max_concurrent_activities: 
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         max_cached_workflows=max_cached_workflows,
-        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
-        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
+        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=5),
+        activity_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=5),
         graceful_shutdown_timeout=timedelta(seconds=5),
     )
 

@@ -12,6 +12,14 @@ Patches (each mirrors a diff proposed in docs/benchmarks.md):
   only: the real change also widens the `except` around the charge (a local activity's
   failure comes unwrapped), which an in-memory swap cannot do; benchmarks never reject.
 * heartbeat-twice-per-window: heartbeats sent every 22 s instead of every 0.8 of the timeout.
+* autoscaling-pollers: the workers poll with the SDK's autoscaling pollers (PollerBehaviorAutoscaling),
+  as they did before the sixth pass, instead of a fixed ATELIER_TASK_QUEUE_POLLS polls per queue.
+* no-patch-marker, no-search-attribute-upserts, no-deadline-timer: diagnostics, not proposals.
+  Each removes one thing a generation's history has that the floor of its shape lacks (the
+  patch marker with its TemporalChangeVersion upsert; the GenerationStatus upserts; the
+  deadline timer, started and then canceled), to measure what it costs the server. Run them
+  outside the sandbox (the no-deadline-timer patch replaces a method of the workflow class,
+  which a sandboxed instance re-imports).
 """
 
 from __future__ import annotations
@@ -52,7 +60,41 @@ def heartbeat_twice_per_window() -> None:
     worker.Worker = functools.partial(worker.Worker, max_heartbeat_throttle_interval=timedelta(seconds=22))
 
 
-PATCHES = {"local-activities": local_activities, "heartbeat-twice-per-window": heartbeat_twice_per_window}
+def autoscaling_pollers() -> None:
+    """The workers poll with the SDK's autoscaling pollers, as before the sixth pass: measures the
+    lost dispatches of docs/benchmarks.md (issue 13, fifth and sixth passes), tasks the server
+    handed to a poll the autoscaler was canceling."""
+    from temporalio.worker import PollerBehaviorAutoscaling
+
+    import worker
+
+    worker.PollerBehaviorSimpleMaximum = lambda maximum: PollerBehaviorAutoscaling()
+
+
+def no_patch_marker() -> None:
+    """Every workflow.patched() answers True without recording a marker (new workflows only)."""
+    from temporalio import workflow
+
+    workflow.patched = lambda patch_id: True
+
+
+def no_search_attribute_upserts() -> None:
+    """Workflows upsert no search attribute (the GenerationStatus list filter stops working)."""
+    from temporalio import workflow
+
+    workflow.upsert_search_attributes = lambda *args, **kwargs: None
+
+
+def no_deadline_timer() -> None:
+    """The generation runs its steps without its deadline timer."""
+    from workflows.generation import GenerationWorkflow
+
+    GenerationWorkflow._steps_within_deadline = lambda self, req: self._steps(req)
+
+
+PATCHES = {"local-activities": local_activities, "heartbeat-twice-per-window": heartbeat_twice_per_window,
+           "autoscaling-pollers": autoscaling_pollers, "no-patch-marker": no_patch_marker,
+           "no-search-attribute-upserts": no_search_attribute_upserts, "no-deadline-timer": no_deadline_timer}
 
 
 def main() -> None:

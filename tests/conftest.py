@@ -104,6 +104,9 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         webhook_secret="whsec_" + "dGVzdC1zZWNyZXQtMTIzNDU2Nzg5MA==",
         admin_token="admin-test-token",
         url_signing_secret="test-url-signing-secret-0123456789abcdef",
+        # The workers ship outside the SDK's sandbox; the tests run the workflows in it, so a
+        # non-deterministic call is caught here (tests/test_sandbox.py runs them outside too).
+        workflow_sandbox=True,
     )
     values.update(overrides)
     return Settings(**values)

@@ -1,8 +1,8 @@
-"""ATELIER_WORKFLOW_SANDBOX: the workers run the workflows in the SDK's sandbox by default; turned
-off, they run outside it (the sandbox re-imports a workflow's module for every new instance and
-proxies its calls: a third of the worker's CPU in a burst). Either way the sandbox guards the
-code: every test worker but these runs in it, every recorded history replays under both runners
-(tests/test_replay.py), and a non-deterministic call is caught by it."""
+"""ATELIER_WORKFLOW_SANDBOX: the workers run the workflows outside the SDK's sandbox by default
+(the sandbox re-imports a workflow's module for every new instance and proxies its calls: a third
+of the worker's CPU in a burst); turned on, they run in it. Either way the sandbox guards the
+code: every test worker but these runs in it (tests/conftest.py), every recorded history replays
+under both runners (tests/test_replay.py), and a non-deterministic call is caught by it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from atelier.messages import Status
+from atelier.settings import Settings
 from tests.clock_reading_workflow import ClockReadingGenerationWorkflow
 from tests.fakes.gemini_server import FakeGemini, Reply
 from tests.test_generation import assert_money, gemini_harness, inputs
@@ -25,13 +26,19 @@ def _runner(worker):
     return worker.config()["workflow_runner"]
 
 
-async def test_workers_run_the_workflows_in_the_sandbox_unless_it_is_turned_off(harness_factory):
-    shipped = await harness_factory()
+def test_the_workers_ship_outside_the_sandbox():
+    assert Settings.model_fields["workflow_sandbox"].default is False
+
+
+async def test_workers_run_the_workflows_outside_the_sandbox_unless_it_is_turned_on(harness_factory):
+    shipped = await harness_factory(workflow_sandbox=False)
     main, _ = build_workers(shipped.client, shipped.deps, only="main")
-    assert isinstance(_runner(main), SandboxedWorkflowRunner)
-    outside = await harness_factory(workflow_sandbox=False)
-    main, _ = build_workers(outside.client, outside.deps, only="main")
     assert isinstance(_runner(main), UnsandboxedWorkflowRunner)
+    checked = await harness_factory(workflow_sandbox=True)
+    main, _ = build_workers(checked.client, checked.deps, only="main")
+    assert isinstance(_runner(main), SandboxedWorkflowRunner)
+    # Every other test worker runs in the sandbox (tests/conftest.py).
+    assert (await harness_factory()).settings.workflow_sandbox is True
 
 
 async def test_a_generation_completes_outside_the_sandbox(harness_factory):
