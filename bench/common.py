@@ -686,6 +686,7 @@ VARIANTS: dict[str, Variant] = {
                                         (("workflow_sandbox", False),),
                                         patches=("no-patch-marker", "no-search-attribute-upserts",
                                                  "no-deadline-timer")),
+    "no-admission": Variant("remote models' calls skip the admission line (diagnostic)", patches=("no-admission",)),
     "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),

@@ -20,6 +20,8 @@ Patches (each mirrors a diff proposed in docs/benchmarks.md):
   deadline timer, started and then canceled), to measure what it costs the server. Run them
   outside the sandbox (the no-deadline-timer patch replaces a method of the workflow class,
   which a sandboxed instance re-imports).
+* no-admission: diagnostic. Remote models' calls skip the admission line (docs/quotas.md): no
+  slot request, grant or release signal per call.
 """
 
 from __future__ import annotations
@@ -92,9 +94,18 @@ def no_deadline_timer() -> None:
     GenerationWorkflow._steps_within_deadline = lambda self, req: self._steps(req)
 
 
+def no_admission() -> None:
+    """select_model answers admission=False: calls go straight to the provider."""
+    import activities.models
+    from atelier.messages import ModelChoice
+
+    activities.models.ModelChoice = lambda **fields: ModelChoice(**{**fields, "admission": False})
+
+
 PATCHES = {"local-activities": local_activities, "heartbeat-twice-per-window": heartbeat_twice_per_window,
            "autoscaling-pollers": autoscaling_pollers, "no-patch-marker": no_patch_marker,
-           "no-search-attribute-upserts": no_search_attribute_upserts, "no-deadline-timer": no_deadline_timer}
+           "no-search-attribute-upserts": no_search_attribute_upserts, "no-deadline-timer": no_deadline_timer,
+           "no-admission": no_admission}
 
 
 def main() -> None:
