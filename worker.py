@@ -125,11 +125,12 @@ def build_workers(client: Client, deps: Dependencies, *, task_queue: str | None 
                          base_url=s.public_base_url or f"http://{s.api_host}:{s.api_port}",
                          links=signer_from(s)).notify,
     ]
-    # A fixed number of long polls per queue, not the SDK's autoscaling pollers: scaling down
-    # cancels polls, and under load the server can hand a task to a poll as it is canceled. The
-    # task is then recorded as started and never reaches the worker: an AI call lost that way
-    # waited out its 55 s heartbeat timeout (temporalio/temporal#1058; docs/benchmarks.md, issue
-    # 13, sixth pass). A fixed poll is only ever ended by the server's long-poll timeout.
+    # A fixed number of long polls per queue, not the SDK's autoscaling pollers: while tasks keep
+    # arriving those poll with an 11 s deadline, and on a saturated server a deadline can run
+    # out just as the server hands the poll a task. The task is then recorded as started and
+    # never reaches the worker: an AI call lost that way waited out its 55 s heartbeat timeout
+    # (temporalio/temporal#1058; docs/benchmarks.md, issue 13, sixth pass). A fixed poll waits
+    # the server's full long poll, which the server ends itself.
     common = dict(
         workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=s.task_queue_polls),
         activity_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=s.task_queue_polls),

@@ -65,7 +65,7 @@ def heartbeat_twice_per_window() -> None:
 def autoscaling_pollers() -> None:
     """The workers poll with the SDK's autoscaling pollers, as before the sixth pass: measures the
     lost dispatches of docs/benchmarks.md (issue 13, fifth and sixth passes), tasks the server
-    handed to a poll the autoscaler was canceling."""
+    handed to a poll whose shortened (11 s) deadline ran out."""
     from temporalio.worker import PollerBehaviorAutoscaling
 
     import worker
