@@ -186,9 +186,9 @@ DESCRIPTIONS = {
     "max_concurrent_workflow_tasks": "workflow tasks one worker runs at once",
     "max_cached_workflows": "workflows kept in a worker's cache (0 replays every task: tests only)",
     "task_queue_polls": "long polls a worker keeps open on each of its task queues, for workflow tasks and for "
-                        "activities alike: a fixed number (the SDK's autoscaling pollers give their polls an 11 s deadline while tasks "
-                        "flow, and on a saturated server a task handed to a poll whose deadline ran out waits out "
-                        "its timeout; docs/benchmarks.md)",
+                        "activities alike: a fixed number (the SDK's autoscaling pollers give their polls an 11 s "
+                        "deadline while tasks flow, and on a saturated server a task handed to a poll whose "
+                        "deadline ran out waits out its timeout; docs/benchmarks.md)",
     "workflow_sandbox": "run the generation, webhook and retention workflows in the SDK's sandbox; off by default: "
                         "it costs a third of the worker's CPU in a burst, and the tests run every workflow in it and "
                         "replay every recorded history under both runners, so a non-deterministic call is caught "

@@ -2,8 +2,8 @@
 task queues. The SDK's autoscaling pollers give their polls an 11 s deadline while tasks flow,
 and on a loaded server a task handed to a poll whose deadline ran out is recorded as started yet
 never reaches the worker: in bench.burst, 29 AI calls of 1,000 waited out their 55 s heartbeat
-timeout that way (docs/benchmarks.md, issue 13, sixth pass). These tests pin the fixed pollers and show a worker
-with the fewest polls the SDK allows still serves every step of a generation."""
+timeout that way (docs/benchmarks.md, issue 13, sixth pass). These tests pin the fixed pollers
+and show a worker with the fewest polls the SDK allows still serves every step of a generation."""
 
 from __future__ import annotations
 
