@@ -461,10 +461,25 @@ class SlotRelease:
 
 
 @dataclass
+class LineAnswer:
+    """What the admission workflow answers a generation joining its line (the `join_line`
+    update): the slot at once when one is free, else where the generation stands."""
+
+    granted: bool = False
+    position: int | None = None
+    eta_s: float | None = None
+
+
+@dataclass
 class SlotTicket:
-    """What request_slot answers: where the request went."""
+    """What request_slot answers: where the request went and, when the admission workflow
+    answered at once, whether the slot is already this generation's. Results recorded before
+    the answer existed read as not granted: those generations wait for the grant signal."""
 
     workflow_id: str = ""
+    granted: bool = False
+    position: int | None = None
+    eta_s: float | None = None
 
 
 @dataclass
@@ -509,6 +524,8 @@ class AdmissionState:
     max_history_events: int = 4000
     # Counters for metrics and tests.
     granted: int = 0
+    # Of those, granted in the join_line answer itself (no grant signal).
+    granted_at_once: int = 0
     busy: int = 0
     reclaimed: int = 0
     runs: int = 1
@@ -528,6 +545,7 @@ class AdmissionStatus:
     started_last_minute: int = 0
     mean_call_s: float | None = None
     granted: int = 0
+    granted_at_once: int = 0
     busy: int = 0
     reclaimed: int = 0
     runs: int = 1

@@ -278,7 +278,7 @@ async def bench(args) -> None:
         "jain_users_mean_wait": jain(user_means),
         "user_mean_wait_s": summary(user_means),
         "provider_429s": stats.busy_answers, "provider_max_in_flight": stats.max_in_flight_seen,
-        "admission": {"granted": status.granted, "busy": status.busy, "reclaimed": status.reclaimed,
+        "admission": {"granted": status.granted, "granted_at_once": status.granted_at_once, "busy": status.busy, "reclaimed": status.reclaimed,
                       "runs (continue-as-new + 1)": status.runs, "limit": status.limit},
         "latency_s": summary([c.seconds for c in closed if c.close is not None]),
         "handoff_s": handoff,

@@ -57,6 +57,11 @@ class SlotProbe:
         ticket = await workflow.execute_activity_method(
             AdmissionActivities.request_slot, p.request, task_queue=p.admission_queue,
             start_to_close_timeout=timedelta(seconds=10))
+        # The join_line answer: the slot itself, or the place in line (as a queue_update would tell).
+        if ticket.granted:
+            self.granted.add(p.request.ticket)
+        elif ticket.position is not None:
+            self.updates.append(QueueUpdate(model=p.request.model, position=ticket.position, eta_s=ticket.eta_s))
         await workflow.wait_condition(lambda: p.request.ticket in self.granted)
         granted_at = workflow.now().timestamp()
         if p.hold_s > 0:

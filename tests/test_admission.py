@@ -9,9 +9,13 @@ import contextlib
 import time
 import uuid
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
+import workflows.admission as admission_module
+from activities.admission import AdmissionActivities
 from atelier.messages import AdmissionStatus, QueueUpdate, SlotRequest, admission_workflow_id
 from tests.admission_probe import ProbeInput, ProbeResult, SlotProbe
 from tests.api_fixtures import api_factory  # noqa: F401
@@ -165,3 +169,81 @@ async def test_metrics_show_calls_in_flight_waiting_and_the_limit_per_model(api_
     assert f'atelier_model_calls_in_flight{{model="{model}"}} 2.0' in text
     assert f'atelier_model_generations_waiting{{model="{model}"}} 1.0' in text
     assert f'atelier_model_call_limit{{model="{model}"}} 2.0' in text
+
+
+# ---- joining the line: the join_line update, and the signal it falls back to ----------------
+
+def _signals(history, name: str) -> int:
+    return sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+               and e.workflow_execution_signaled_event_attributes.signal_name == name)
+
+
+def _updates(history, name: str) -> int:
+    return sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+               and e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name == name)
+
+
+async def test_a_free_slot_comes_in_the_answer_and_a_full_line_answers_the_place(harness):
+    async with world(harness) as queue:
+        first = await probe(harness, queue, "u1", max_concurrent=1)
+        await wait_for(lambda: first.query(SlotProbe.holding), timeout=30)
+        second = await probe(harness, queue, "u2", max_concurrent=1, hold_s=0.1)
+        await waiting_count(harness, 1)
+        await first.signal(SlotProbe.let_go)
+        held, waited = await asyncio.wait_for(asyncio.gather(first.result(), second.result()), 60)
+        line = await admission(harness).fetch_history()
+        first_history, second_history = await first.fetch_history(), await second.fetch_history()
+        s = await status(harness)
+    # The free slot was the answer itself: no grant signal, no task of the generation for it.
+    assert _signals(first_history, "slot_granted") == 0 and held.granted_at > 0
+    # The second joined a full line: told its place in the answer, granted by signal later.
+    assert [u.position for u in waited.updates] == [1]
+    assert _signals(second_history, "slot_granted") == 1 and waited.granted_at >= held.released_at
+    assert _updates(line, "join_line") == 2 and _signals(line, "request_slot") == 0
+    assert s.granted == 2 and s.granted_at_once == 1
+
+
+async def test_an_unanswered_join_falls_back_to_the_signal(harness, monkeypatch):
+    async def refused(self, workflow_id, req):
+        raise RPCError("in-flight update limit reached (test)", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+
+    monkeypatch.setattr(AdmissionActivities, "_join", refused)
+    async with world(harness) as queue:
+        handles = [await probe(harness, queue, f"u{i}", max_concurrent=1, hold_s=0.2) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
+        line = await admission(harness).fetch_history()
+        s = await status(harness)
+    assert s.granted == 3 and s.granted_at_once == 0 and max_overlap(results) == 1
+    assert _signals(line, "request_slot") == 3 and _updates(line, "join_line") == 0
+
+
+async def test_a_grant_whose_answer_was_lost_is_signalled_again(harness, monkeypatch):
+    join = AdmissionActivities._join
+    lost: list[str] = []
+
+    async def answer_lost(self, workflow_id, req):
+        answer = await join(self, workflow_id, req)
+        lost.append(req.ticket)
+        raise RPCError(f"connection reset after the update (test; granted={answer.granted})",
+                       RPCStatusCode.UNAVAILABLE, b"")
+
+    monkeypatch.setattr(AdmissionActivities, "_join", answer_lost)
+    async with world(harness) as queue:
+        handles = [await probe(harness, queue, f"u{i}", max_concurrent=1, hold_s=0.2) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
+        s = await status(harness)
+        first_history = await handles[0].fetch_history()
+    # Each request reached the line twice (the update, then the signal) and was taken once.
+    assert len(lost) == 3 and s.granted == 3 and s.granted_at_once == 1 and max_overlap(results) == 1
+    # The first was granted by the lost answer: its grant came again as a signal.
+    assert _signals(first_history, "slot_granted") >= 1
+
+
+async def test_the_line_continues_as_new_before_temporal_refuses_its_updates(harness, monkeypatch):
+    monkeypatch.setattr(admission_module, "MAX_UPDATES_PER_RUN", 4)  # the workflow runs unsandboxed
+    async with world(harness) as queue:
+        handles = [await probe(harness, queue, f"u{i % 3}", max_concurrent=2, hold_s=0.1) for i in range(10)]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 120)
+        s = await status(harness)
+    assert len(results) == 10 and s.granted == 10 and s.runs >= 2
+    assert max_overlap(results) <= 2

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from PIL import Image
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 
@@ -98,6 +99,28 @@ async def test_gemini_receives_every_image_with_its_type(harness_factory):
             assert all(i.size > 0 for i in request.inline_images)
             assert any("linen shirt" in t for t in request.texts)
     await assert_money(h, handle.id, Status.COMPLETED, h.settings.cost_fitting)
+
+
+async def test_a_free_slot_comes_with_the_request_and_costs_the_generation_no_task(harness_factory):
+    """Joining an empty line answers with the slot itself (the join_line update): no grant signal
+    to wait for, and the AI call is scheduled by the same workflow task that joined the line."""
+    async with FakeGemini(api_key="test-key") as fake:
+        h = await gemini_harness(harness_factory, fake)
+        user = await h.user(100)
+        async with h.worker():
+            handle = await h.start(user, "photography", await inputs(h, user, 1))
+            result = await handle.result()
+            history = await handle.fetch_history()
+    assert result.status == "completed" and result.model == PRIMARY
+    events = history.events
+    assert not [e for e in events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED]
+    joined = next(i for i, e in enumerate(events) if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+                  and b"request_slot" in e.marker_recorded_event_attributes.SerializeToString())
+    called = next(i for i, e in enumerate(events) if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                  and e.activity_task_scheduled_event_attributes.activity_type.name == "call_ai")
+    assert joined < called
+    assert not [e for e in events[joined:called] if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
 
 
 # ---- refused before any charge -------------------------------------------------------------

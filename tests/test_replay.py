@@ -30,7 +30,7 @@ HISTORIES = Path(__file__).parent / "histories"
 REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook",
             "deadline", "ai_retry", "webhook_events"]
 # Histories kept from before a patch: each folder holds the required set of its day.
-OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9, "v5": 9}
+OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9, "v5": 9, "v6": 9}
 PRIMARY = "gemini-2.5-flash-image"
 
 
@@ -44,9 +44,10 @@ def load(name: str) -> WorkflowHistory:
 # admission/ before the model-admission-local-request patch, admission/local/ after it,
 # admission/released/ since the AI activity gives its slot back itself (no release signal command
 # after a call that did; the admission workflow on its own task queue), admission/current/ since the
-# generation-2026-11 patch bundle (one patch marker).
+# generation-2026-11 patch bundle (one patch marker), admission/answered/ since the line is joined by
+# the join_line update, whose answer carries a free slot (the same commands: no patch).
 ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local", "admission/released",
-                                                          "admission/current")
+                                                          "admission/current", "admission/answered")
                        for name in ("waited_in_line", "busy_then_ok", "canceled_in_line", "admission_workflow")]
 
 
@@ -63,7 +64,8 @@ def test_every_required_history_is_recorded():
 # Every history ever recorded: tests/histories/*.json from the current code, and older
 # generations kept in subfolders (v1/: before the save-work-survives-cancel patch; v2/: before
 # charge-settles-before-cancel; v3/: before explicit-deadline and ai-attempts-in-workflow; v4/: before
-# model-admission; v5/: before the generation-2026-11 bundle, each patch its own marker). Old
+# model-admission; v5/: before the generation-2026-11 bundle, each patch its own marker; v6/: before
+# the join_line update, when every grant came as a signal, no patch needed). Old
 # histories must keep replaying for as long as such workflows may still be open.
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
@@ -178,7 +180,7 @@ async def test_record_admission_histories(harness_factory, tmp_path):
 
     from atelier.messages import admission_workflow_id
 
-    folder = HISTORIES / "admission" / "current"
+    folder = HISTORIES / "admission" / "answered"
     folder.mkdir(parents=True, exist_ok=True)
 
     async def save(handle, name):

@@ -1,9 +1,11 @@
 """ModelAdmissionWorkflow: one long-lived workflow per model hands out call slots.
 
-A generation about to call a model asks for a slot (the `request_slot` activity signals this
-workflow, starting it if need be); this workflow answers with a `slot_granted` signal when
-the model's quota and the fair order allow, and the generation signals `release_slot` when
-its call is over (ok, busy: the provider answered 429, failed, or withdrawn: it stopped
+A generation about to call a model asks for a slot (the `request_slot` local activity sends
+this workflow the `join_line` update, starting it if need be). When a slot is free and nobody
+waits ahead, the update's answer is the grant itself; otherwise it answers the generation's
+place in line, and this workflow sends a `slot_granted` signal when the model's quota and the
+fair order allow (a request that reached it as a `request_slot` signal, the fallback, is always
+answered so). The generation signals `release_slot` when its call is over (ok, busy: the provider answered 429, failed, or withdrawn: it stopped
 waiting). Its state lives in workflow history: a worker killed mid-way or a Temporal restart
 loses no slot and no waiting generation, and any number of workers and hosts share one quota.
 
@@ -27,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         AdmissionState,
         AdmissionStatus,
         HolderCheck,
+        LineAnswer,
         QueueUpdate,
         SlotGrant,
         SlotRelease,
@@ -47,6 +50,9 @@ MAX_PENDING_UPDATES = 100
 PATCH_LEARNING_FROM_CROWDS = "admission-learning-from-crowds"
 # At most this many generations are described per holder check.
 CHECK_BATCH = 200
+# A run takes at most this many join_line updates, then continues as new: Temporal refuses more
+# than 2,000 updates in one run's history (history.maxTotalUpdates' default).
+MAX_UPDATES_PER_RUN = 1000
 
 CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                           maximum_attempts=3)
@@ -67,17 +73,44 @@ class ModelAdmissionWorkflow:
         self._outgoing: set[asyncio.Task] = set()
         self._check: asyncio.Task | None = None
         self._last_check = 0.0
+        self._updates = 0
 
     def _now(self) -> float:
         return workflow.now().timestamp()
 
     # ---- what generations send --------------------------------------------------------
 
+    @workflow.update(name="join_line")
+    def join_line(self, req: SlotRequest) -> LineAnswer:
+        """Queue `req` and answer at once: the slot itself when it is free and nobody waits ahead
+        (no grant signal, no extra task for the generation), else its place in line. Asked again
+        for the same ticket (an answer that was lost), it answers the same way."""
+        self._updates += 1
+        now = self._now()
+        a = self._admission
+        fresh = a.request(req)
+        if fresh:
+            self._wake = True
+            self._grant(now, answered=req.ticket)
+        if a.is_holder(req.ticket):
+            if fresh:
+                self._state.granted_at_once += 1
+            return LineAnswer(granted=True)
+        if not a.is_waiting(req.ticket) or len(a.waiting()) > MAX_LINE_FOR_UPDATES:
+            return LineAnswer()
+        place = a.position(req.task_id, now)
+        return LineAnswer(position=place, eta_s=a.eta_s(place, now) if place is not None else None)
+
     @workflow.signal(name="request_slot")
     def request_slot(self, req: SlotRequest) -> None:
         if self._admission.request(req):
             self._new.append(req)
             self._wake = True
+        elif self._admission.is_holder(req.ticket):
+            # A join_line answer granted it and was lost on its way (the activity fell back to
+            # this signal): the grant goes again; the generation takes a repeated grant once.
+            self._signal(req.task_id, SIGNAL_GRANTED, SlotGrant(ticket=req.ticket, model=self._state.model),
+                         ticket=req.ticket)
 
     @workflow.signal(name="release_slot")
     def release_slot(self, release: SlotRelease) -> None:
@@ -92,7 +125,8 @@ class ModelAdmissionWorkflow:
         return AdmissionStatus(model=s.model, in_flight=stats.in_flight, waiting=stats.waiting, limit=stats.limit,
                                max_concurrent=s.max_concurrent, per_minute=s.per_minute,
                                learned_limit=s.learned_limit, started_last_minute=stats.started_last_minute,
-                               mean_call_s=stats.mean_call_s, granted=s.granted, busy=s.busy,
+                               mean_call_s=stats.mean_call_s, granted=s.granted,
+                               granted_at_once=s.granted_at_once, busy=s.busy,
                                reclaimed=s.reclaimed, runs=s.runs)
 
     @workflow.query
@@ -114,10 +148,7 @@ class ModelAdmissionWorkflow:
             for holder in a.expired(now):
                 a.reclaim(holder.ticket)
                 workflow.logger.warning("%s: lease of %s ran out; slot taken back", state.model, holder.ticket)
-            for grant in a.grant_what_fits(now):
-                self._signal(grant.request.task_id, SIGNAL_GRANTED, SlotGrant(ticket=grant.request.ticket,
-                                                                             model=state.model),
-                             ticket=grant.request.ticket)
+            self._grant(now)
             self._tell_new_positions(now)
             self._maybe_check_holders(now)
             self._describe(now)
@@ -137,6 +168,15 @@ class ModelAdmissionWorkflow:
         state = a.snapshot()
         state.runs += 1
         workflow.continue_as_new(state)
+
+    def _grant(self, now: float, *, answered: str | None = None) -> None:
+        """Hand out what fits, in the fair order: a grant signal to each grantee except `answered`,
+        whose join_line answer carries its grant."""
+        for grant in self._admission.grant_what_fits(now):
+            ticket = grant.request.ticket
+            if ticket != answered:
+                self._signal(grant.request.task_id, SIGNAL_GRANTED, SlotGrant(ticket=ticket, model=self._state.model),
+                             ticket=ticket)
 
     def _tell_new_positions(self, now: float) -> None:
         new, self._new = self._new, []
@@ -208,6 +248,8 @@ class ModelAdmissionWorkflow:
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
         if self._state.max_history_events and info.get_current_history_length() >= self._state.max_history_events:
+            return True
+        if self._updates >= MAX_UPDATES_PER_RUN:
             return True
         return info.is_continue_as_new_suggested()
 

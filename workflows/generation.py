@@ -672,6 +672,12 @@ class GenerationWorkflow:
                     start_to_close_timeout=seconds(t.short_start_to_close_s),
                     retry_policy=policies.ADMISSION_RETRY, summary=summary)
             s.admission_ids[choice.model] = answer.workflow_id
+            # Deterministic without a patch: decided by the answer recorded in the marker (answers
+            # recorded before the join_line update read as not granted, no position).
+            if answer.granted:
+                s.grants.add(ticket)
+            elif answer.position is not None:
+                self.queue_update(QueueUpdate(model=choice.model, position=answer.position, eta_s=answer.eta_s))
             await workflow.wait_condition(lambda: ticket in s.grants)
         except (Exception, asyncio.CancelledError):  # not GeneratorExit: a cache eviction is no cancel
             # Canceled or out of time while in line: leave it (or hand back a grant that crossed).
