@@ -74,6 +74,7 @@ class ModelAdmissionWorkflow:
         self._check: asyncio.Task | None = None
         self._last_check = 0.0
         self._updates = 0
+        self._closing = False
 
     def _now(self) -> float:
         return workflow.now().timestamp()
@@ -89,7 +90,8 @@ class ModelAdmissionWorkflow:
         now = self._now()
         a = self._admission
         fresh = a.request(req)
-        if fresh:
+        if fresh and not self._closing:
+            # (Closing: the request is carried to the next run, which grants it by signal.)
             self._wake = True
             self._grant(now, answered=req.ticket)
         if a.is_holder(req.ticket):
@@ -153,6 +155,7 @@ class ModelAdmissionWorkflow:
             self._maybe_check_holders(now)
             self._describe(now)
             if self._should_continue_as_new():
+                self._closing = True
                 break
             timeout = a.next_wakeup(now)
             if a.holders() or a.waiting():
