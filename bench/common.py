@@ -690,6 +690,8 @@ VARIANTS: dict[str, Variant] = {
                                         patches=("no-patch-marker", "no-search-attribute-upserts",
                                                  "no-deadline-timer")),
     "no-admission": Variant("remote models' calls skip the admission line (diagnostic)", patches=("no-admission",)),
+    "join-by-signal": Variant("the slot request a signal and every grant a signal back (before the join_line "
+                              "update)", patches=("join-by-signal",)),
     "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),

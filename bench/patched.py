@@ -22,6 +22,8 @@ Patches (each mirrors a diff proposed in docs/benchmarks.md):
   which a sandboxed instance re-imports).
 * no-admission: diagnostic. Remote models' calls skip the admission line (docs/quotas.md): no
   slot request, grant or release signal per call.
+* join-by-signal: the slot request is the request_slot signal, every grant a signal back, as
+  before the join_line update (the activity's fallback taken every time).
 """
 
 from __future__ import annotations
@@ -102,10 +104,20 @@ def no_admission() -> None:
     activities.models.ModelChoice = lambda **fields: ModelChoice(**{**fields, "admission": False})
 
 
+def join_by_signal() -> None:
+    """request_slot sends the signal at once, as before the join_line update."""
+    from activities.admission import AdmissionActivities
+
+    async def refuse(self, workflow_id, req):
+        raise RuntimeError("join_line off (bench variant join-by-signal)")
+
+    AdmissionActivities._join = refuse
+
+
 PATCHES = {"local-activities": local_activities, "heartbeat-twice-per-window": heartbeat_twice_per_window,
            "autoscaling-pollers": autoscaling_pollers, "no-patch-marker": no_patch_marker,
            "no-search-attribute-upserts": no_search_attribute_upserts, "no-deadline-timer": no_deadline_timer,
-           "no-admission": no_admission}
+           "no-admission": no_admission, "join-by-signal": join_by_signal}
 
 
 def main() -> None:
