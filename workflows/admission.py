@@ -5,9 +5,10 @@ this workflow the `join_line` update, starting it if need be). When a slot is fr
 waits ahead, the update's answer is the grant itself; otherwise it answers the generation's
 place in line, and this workflow sends a `slot_granted` signal when the model's quota and the
 fair order allow (a request that reached it as a `request_slot` signal, the fallback, is always
-answered so). The generation signals `release_slot` when its call is over (ok, busy: the provider answered 429, failed, or withdrawn: it stopped
-waiting). Its state lives in workflow history: a worker killed mid-way or a Temporal restart
-loses no slot and no waiting generation, and any number of workers and hosts share one quota.
+answered so). The generation signals `release_slot` when its call is over (ok, busy: the
+provider answered 429, failed, or withdrawn: it stopped waiting). Its state lives in workflow
+history: a worker killed mid-way or a Temporal restart loses no slot and no waiting generation,
+and any number of workers and hosts share one quota.
 
 Slots whose holder is gone come back: every grant carries a lease, and holders are checked
 every `check_every_s` for a generation workflow that has closed (terminated, reset away).
