@@ -29,6 +29,8 @@ from pathlib import Path
 from atelier.db import create_engine
 from atelier.messages import ImageInput, admission_workflow_id
 from bench.common import (
+    VARIANTS,
+    apply_variant,
     dev_server_flags,
     ImageServer,
     ManagedProcess,
@@ -186,7 +188,11 @@ async def bench(args) -> None:
         cost = settings.cost_of("photography")
         users = await make_users(engine, n_users, cost * n)
         await engine.dispose()
-        worker = ManagedProcess("worker", [sys.executable, "worker.py"], log_dir=s.tmp,
+        settings, variant = apply_variant(settings, args.variant)
+        cmd = [sys.executable, "worker.py"]
+        if variant.patches:  # a change applied in memory (bench/patched.py)
+            cmd = [sys.executable, "-m", "bench.patched", *(f"--patch={p}" for p in variant.patches), "worker"]
+        worker = ManagedProcess("worker", cmd, log_dir=s.tmp,
                                 env=settings_env(settings, ATELIER_MODEL_CATALOGUE=str(catalogue))).start()
         s.children.append(worker)
         await wait_for_pollers(s.client, [(settings.task_queue, "workflow"), (settings.task_queue, "activity"),
@@ -268,7 +274,7 @@ async def bench(args) -> None:
     util = utilisation([tuple(p) for p in stats.timeline], *util_span, quota)
     util_calls = utilisation([tuple(p) for p in stats.timeline], first_call, last_call, quota)
     results = {
-        "count": n, "users": n_users, "quota": quota, "call_s": call_s, "ideal_s": round(ideal, 1),
+        "variant": args.variant, "count": n, "users": n_users, "quota": quota, "call_s": call_s, "ideal_s": round(ideal, 1),
         "completed": completed, "closed": len(closed), "submit_s": round(submit_s, 2),
         "total_s": round(total, 1), "total_vs_ideal": round(total / ideal, 3),
         "utilisation_while_backlog": util,
@@ -278,8 +284,8 @@ async def bench(args) -> None:
         "jain_users_mean_wait": jain(user_means),
         "user_mean_wait_s": summary(user_means),
         "provider_429s": stats.busy_answers, "provider_max_in_flight": stats.max_in_flight_seen,
-        "admission": {"granted": status.granted, "granted_at_once": status.granted_at_once, "busy": status.busy, "reclaimed": status.reclaimed,
-                      "runs (continue-as-new + 1)": status.runs, "limit": status.limit},
+        "admission": {"granted": status.granted, "granted_at_once": status.granted_at_once, "busy": status.busy,
+                      "reclaimed": status.reclaimed, "runs (continue-as-new + 1)": status.runs, "limit": status.limit},
         "latency_s": summary([c.seconds for c in closed if c.close is not None]),
         "handoff_s": handoff,
         "submit_ms": summary(submit, 1000),
@@ -315,6 +321,8 @@ def main() -> None:
     p.add_argument("--call-s", type=float, default=2.0, help="seconds each provider call takes")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting after this long")
     p.add_argument("--chart", type=Path, default=None, help="the chart (default: beside the JSON)")
+    p.add_argument("--variant", default="shipped", choices=sorted(VARIANTS),
+                   help="run the worker as this variant (bench.common.VARIANTS) instead of as shipped")
     args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))
 
