@@ -451,9 +451,10 @@ def settings_env(settings: Settings, *, bytecode_cache: bool = True, **extra: st
 
 
 def start_project_worker(s: Stack, settings: Settings, name: str = "worker", *,
-                         bytecode_cache: bool = True, patches: tuple[str, ...] = ()) -> ManagedProcess:
+                         bytecode_cache: bool = True, patches: tuple[str, ...] = (),
+                         **extra_env: str) -> ManagedProcess:
     """`python worker.py` with these settings (and the bytecode cache, see use_bytecode_cache)."""
-    env = settings_env(settings, bytecode_cache=bytecode_cache)
+    env = settings_env(settings, bytecode_cache=bytecode_cache, **extra_env)
     cmd = [sys.executable, str(ROOT / "worker.py")]
     if patches:  # a proposed code change, applied in memory (bench/patched.py)
         cmd = [sys.executable, "-m", "bench.patched", *(f"--patch={p}" for p in patches), "worker"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -44,9 +43,9 @@ from bench.common import (
     print_table,
     resolve_paths,
     run_main,
-    settings_env,
     small_jpeg,
     start_fake_gemini,
+    start_project_worker,
     stack,
     start_many,
     summary,
@@ -189,12 +188,7 @@ async def bench(args) -> None:
         users = await make_users(engine, n_users, cost * n)
         await engine.dispose()
         settings, variant = apply_variant(settings, args.variant)
-        cmd = [sys.executable, "worker.py"]
-        if variant.patches:  # a change applied in memory (bench/patched.py)
-            cmd = [sys.executable, "-m", "bench.patched", *(f"--patch={p}" for p in variant.patches), "worker"]
-        worker = ManagedProcess("worker", cmd, log_dir=s.tmp,
-                                env=settings_env(settings, ATELIER_MODEL_CATALOGUE=str(catalogue))).start()
-        s.children.append(worker)
+        worker = start_project_worker(s, settings, patches=variant.patches, ATELIER_MODEL_CATALOGUE=str(catalogue))
         await wait_for_pollers(s.client, [(settings.task_queue, "workflow"), (settings.task_queue, "activity"),
                                           (settings.ai_task_queue, "activity")], worker)
         admission = s.client.get_workflow_handle(admission_workflow_id(MODEL, settings.task_queue))

@@ -101,8 +101,8 @@ class ModelAdmissionWorkflow:
             return LineAnswer(granted=True)
         if not a.is_waiting(req.ticket) or len(a.waiting()) > MAX_LINE_FOR_UPDATES:
             return LineAnswer()
-        place = a.position(req.task_id, now)
-        return LineAnswer(position=place, eta_s=a.eta_s(place, now) if place is not None else None)
+        place = self.position(req.task_id)
+        return LineAnswer(position=place.position, eta_s=place.eta_s)
 
     @workflow.signal(name="request_slot")
     def request_slot(self, req: SlotRequest) -> None:
