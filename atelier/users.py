@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atelier.db import api_keys, users, reading
+from atelier.db import api_keys, read_rows, reading, users
 from atelier.errors import UnknownUser
 from atelier.messages import Priority
 
@@ -53,15 +53,13 @@ async def user_for_key(engine: AsyncEngine, api_key: str) -> str | None:
     """The user an API key belongs to, or None (unknown, malformed or revoked)."""
     if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
         return None
-    async with reading(engine) as conn:
-        row = (
-            await conn.execute(
-                select(api_keys.c.user_id, api_keys.c.revoked_at).where(api_keys.c.key_hash == hash_key(api_key))
-            )
-        ).one_or_none()
-    if row is None or row.revoked_at is not None:
+    # Plain SQL through read_rows: on SQLite it runs on the DB-API cursor, on the event loop,
+    # with none of SQLAlchemy's per-statement work (the API's first read of every new key).
+    [rows] = await read_rows(engine, [("SELECT user_id, revoked_at FROM api_keys WHERE key_hash = :h",
+                                       {"h": hash_key(api_key)})])
+    if not rows or rows[0][1] is not None:
         return None
-    return row.user_id
+    return str(rows[0][0])
 
 
 async def user_exists(engine: AsyncEngine, user_id: str) -> bool:

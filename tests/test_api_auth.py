@@ -124,3 +124,78 @@ def test_the_key_cache_is_bounded():
     for n in range(3):
         cache.put(f"h{n}", f"u{n}")
     assert cache.get("h0") is None and cache.get("h1") == "u1" and cache.get("h2") == "u2"
+
+
+async def test_a_key_not_remembered_is_looked_up_once_for_a_burst_of_requests(api: Api, monkeypatch):
+    """Thirty requests at once with a key the cache has forgotten: one database lookup, not thirty."""
+    import asyncio
+
+    from atelier import users
+    from starter.api import auth
+
+    _, auth_headers = await api.new_user()
+    api.app.state.atelier.keys._entries.clear()
+    lookups = []
+    real = users.user_for_key
+
+    async def counted(engine, api_key):
+        lookups.append(api_key)
+        await asyncio.sleep(0.05)  # the lookup is in flight while the others arrive
+        return await real(engine, api_key)
+
+    monkeypatch.setattr(auth.users, "user_for_key", counted)
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(api.http.get("/v1/credits", headers=auth_headers) for _ in range(30))), 30)
+    assert [r.status_code for r in answers] == [200] * 30
+    assert len(lookups) == 1
+    # Remembered now: the next request looks nothing up.
+    assert (await api.http.get("/v1/credits", headers=auth_headers)).status_code == 200
+    assert len(lookups) == 1
+
+
+async def test_a_shared_key_lookup_outlives_the_caller_that_started_it():
+    import asyncio
+
+    from starter.api.keycache import KeyCache
+
+    cache = KeyCache(ttl_s=60)
+    release = asyncio.Event()
+    calls = []
+
+    async def look_up() -> str:
+        calls.append(1)
+        await release.wait()
+        return "usr_a"
+
+    first = asyncio.ensure_future(cache.resolve("h", look_up))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cache.resolve("h", look_up))
+    await asyncio.sleep(0)
+    first.cancel()  # the client that asked first went away
+    release.set()
+    assert await asyncio.wait_for(second, 5) == "usr_a"
+    assert first.cancelled() and calls == [1] and cache.get("h") == "usr_a"
+
+
+async def test_an_unknown_or_failing_key_lookup_is_not_remembered():
+    import asyncio
+
+    import pytest
+
+    from starter.api.keycache import KeyCache
+
+    cache = KeyCache(ttl_s=60)
+    answers = iter([None, RuntimeError("database down"), "usr_b"])
+
+    async def look_up():
+        await asyncio.sleep(0)
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await cache.resolve("h", look_up) is None
+    with pytest.raises(RuntimeError):
+        await cache.resolve("h", look_up)
+    assert await cache.resolve("h", look_up) == "usr_b"  # each asked again, then remembered
+    assert await cache.resolve("h", look_up) == "usr_b"

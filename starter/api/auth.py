@@ -35,12 +35,9 @@ async def current_user(
     if credentials is None:
         raise _unauthorized("send your API key as 'Authorization: Bearer <key>'")
     key_hash = users.hash_key(credentials.credentials)
-    user_id = ctx.keys.get(key_hash)
+    user_id = await ctx.keys.resolve(key_hash, lambda: users.user_for_key(ctx.engine, credentials.credentials))
     if user_id is None:
-        user_id = await users.user_for_key(ctx.engine, credentials.credentials)
-        if user_id is None:
-            raise _unauthorized("unknown or revoked API key")
-        ctx.keys.put(key_hash, user_id)
+        raise _unauthorized("unknown or revoked API key")
     return user_id
 
 
