@@ -6,7 +6,9 @@ one worker (`python worker.py`, the `local` provider with a D-second delay) on a
 a SQLite database. Arms, in turn, on the same server:
 
 1. **bare**: N `start_workflow` calls sent at once from this process, of a workflow type no
-   worker polls for (the server's part of a submission, and nothing after it);
+   worker polls for (the server's part of a submission, and nothing after it); then, as a
+   diagnostic, N starts of generations built beforehand and sent exactly as the API sends them
+   (input, search attributes, summary), on a queue no worker polls;
 2. **api**: N `POST /v1/generations` sent at once, each on its own connection, while the worker
    starts working on the first ones as they land (the API must not starve behind them);
 3. every generation of arm 2 to its end: the slowest (start to close) against the delay, and
@@ -29,6 +31,7 @@ import psutil
 
 from atelier import credits, users
 from atelier.db import create_engine
+from atelier.messages import ImageInput
 from bench.common import (
     free_port,
     dev_server_flags,
@@ -58,6 +61,7 @@ from bench.common import (
     write_result,
 )
 from bench.submit import RawHttpPool, wait_healthy
+from starter import service
 
 NAME = "burst"
 GOAL_POST_P99_S = 5.0
@@ -90,6 +94,43 @@ async def _at_once(n: int, one) -> tuple[list[float], int]:
     return latencies, failed
 
 
+def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, read at once."""
+    out = {}
+    for name, proc in procs.items():
+        try:
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+async def _arm(n: int, one, procs: dict[str, psutil.Process]) -> tuple[list[float], int, dict[str, float]]:
+    """`_at_once`, and the CPU seconds every process spent from the gate to the last answer
+    (`client` is this process: the load generator shares the two cores)."""
+    before = _cpu_seconds(procs)
+    t = time.perf_counter()
+    cpu: dict[str, float] = {"gate_epoch": time.time()}
+    latencies, failed = await _at_once(n, one)
+    wall = time.perf_counter() - t
+    after = _cpu_seconds(procs)
+    cpu.update({name: round(after[name] - before[name], 2) for name in procs})
+    cpu["wall_s"] = round(wall, 2)
+    return latencies, failed, cpu
+
+
+async def _accepted(client, task_queue: str, gate_epoch: float, prefix: str = "") -> dict[str, float]:
+    """When the server recorded the arm's workflows as started, in seconds after the gate: the
+    server's side of the arm's timeline (against the callers' latencies)."""
+    starts = sorted(c.start.timestamp() - gate_epoch for c in await closed_workflows(client, task_queue)
+                    if c.workflow_id.startswith(prefix))
+    if not starts:
+        return {}
+    return {"first": round(starts[0], 2), "p50": round(starts[len(starts) // 2], 2),
+            "p99": round(starts[int(len(starts) * 0.99) - 1], 2), "last": round(starts[-1], 2)}
+
+
 async def bench(args) -> None:
     started = time.time()
     n = 5 if args.quick else args.count
@@ -110,6 +151,19 @@ async def bench(args) -> None:
         api = ManagedProcess("api", [sys.executable, "-m", "starter.api"], env=env, log_dir=s.tmp).start()
         s.children.append(api)
         await wait_healthy(f"http://127.0.0.1:{port}", api)
+        # Diagnostic: more API processes, each on its own port, the POSTs spread over them in
+        # turn (as a load balancer in front of them would).
+        ports, more_apis = [port], []
+        for extra in range(1, args.api_processes):
+            ports.append(free_port())
+            more = ManagedProcess(f"api-{extra}", [sys.executable, "-m", "starter.api"], log_dir=s.tmp,
+                                  env={**env, "ATELIER_API_PORT": str(ports[-1])}).start()
+            s.children.append(more)
+            await wait_healthy(f"http://127.0.0.1:{ports[-1]}", more)
+            more_apis.append(more)
+        if args.py_spy is not None:
+            args.py_spy.mkdir(parents=True, exist_ok=True)
+            api.profile(args.py_spy / "burst-api.txt", rate=100)
         workers = [start_project_worker(s, settings, f"worker-{i}", bytecode_cache=v.bytecode_cache, patches=v.patches)
                    for i in range(args.workers)]
         for worker in workers:
@@ -120,7 +174,8 @@ async def bench(args) -> None:
         results: dict = {"count": n, "delay_s": delay}
         with ImageServer() as images:
             urls = [images.add(f"/{i}.jpg", small_jpeg(i)) for i in range(n)]
-            procs = {"api": api.ps, "server": s.server, **{f"worker-{i}": w.ps for i, w in enumerate(workers)}}
+            procs = {"api": api.ps, **{f"api-{i + 1}": a.ps for i, a in enumerate(more_apis)}, "server": s.server,
+                     **{f"worker-{i}": w.ps for i, w in enumerate(workers)}}
             with Sampler(procs) as sampler:
                 bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
 
@@ -130,11 +185,27 @@ async def bench(args) -> None:
                     return True
 
                 console.print(f"[bold]bare[/bold]: {n} start_workflow calls at once")
-                bare_lat, bare_failed = await _at_once(n, bare)
+                arm_procs = {**procs, "client": psutil.Process()}
+                bare_lat, bare_failed, bare_cpu = await _arm(n, bare, arm_procs)
                 await asyncio.sleep(2.0)  # the server settles before the next arm
 
+                # Diagnostic: the server's part of a submission as the API sends it (the same
+                # input, search attributes and summary), built beforehand, on a queue no worker
+                # polls. Its gap to `bare` is the server's; the POSTs' gap to it is the API's.
+                same = [service.build_request(settings, user_id=f"usr_bench{i % args.users}", kind="photography",
+                                              images=[ImageInput(url=urls[i])], style="studio") for i in range(n)]
+                same_queue = f"bench-same-{uuid.uuid4().hex[:8]}"
+
+                async def bare_as_api(i: int) -> bool:
+                    await service.start_generation(s.client, same[i], task_queue=same_queue)
+                    return True
+
+                console.print(f"[bold]bare, as the API starts them[/bold]: {n} start_workflow calls at once")
+                same_lat, same_failed, same_cpu = await _arm(n, bare_as_api, arm_procs)
+                await asyncio.sleep(2.0)
+
                 async def post(i: int) -> bool:
-                    http = RawHttpPool("127.0.0.1", port)  # its own connection, as n clients would
+                    http = RawHttpPool("127.0.0.1", ports[i % len(ports)])  # its own connection, as n clients would
                     body = json.dumps({"kind": "photography", "images": [{"url": urls[i]}],
                                        "style": "studio"}).encode()
                     try:
@@ -145,15 +216,24 @@ async def bench(args) -> None:
                     return status == 202
 
                 console.print(f"[bold]api[/bold]: {n} POST /v1/generations at once ({delay:g} s delay)")
+                if args.hold_workers:  # diagnostic: the POSTs with no generation work beside them
+                    for worker in workers:
+                        worker.ps.suspend()
                 t_api = sampler.now()
-                api_lat, api_failed = await _at_once(n, post)
+                api_lat, api_failed, api_cpu = await _arm(n, post, arm_procs)
                 t_posted = sampler.now()
+                if args.hold_workers:
+                    for worker in workers:
+                        worker.ps.resume()
                 console.print(f"all {n} answered in {max(api_lat):.1f} s; waiting for the generations")
                 finished = await wait_closed(s.client, settings.task_queue, n - api_failed,
                                              timeout=delay + args.grace)
                 t_done = sampler.now()
             closed = [c for c in await closed_workflows(s.client, settings.task_queue)
                       if c.workflow_id.startswith("gen")]
+            accepted = {"bare": await _accepted(s.client, bare_queue, bare_cpu.pop("gate_epoch")),
+                        "bare_as_api": await _accepted(s.client, same_queue, same_cpu.pop("gate_epoch")),
+                        "api": await _accepted(s.client, settings.task_queue, api_cpu.pop("gate_epoch"), "gen")}
             # Where the slowest spent their time: the 20 slowest histories, step by step; and the
             # activities that timed out among the 60 slowest (a timed-out attempt ends a minute late).
             slowest = sorted((c for c in closed if c.close is not None), key=lambda c: c.seconds)[-60:]
@@ -164,13 +244,16 @@ async def bench(args) -> None:
         for c in closed:
             statuses[c.status] = statuses.get(c.status, 0) + 1
         durations = sorted(c.seconds for c in closed if c.close is not None)
-        bare_s, api_s = summary(bare_lat), summary(api_lat)
+        bare_s, same_s, api_s = summary(bare_lat), summary(same_lat), summary(api_lat)
         results.update({
-            "bare": {"failed": bare_failed, "latency_s": bare_s},
-            "api": {"failed": api_failed, "latency_s": api_s,
-                    "api_cpu_ms_per_post": round(sampler.cpu_between("api", t_api, t_posted) * (t_posted - t_api)
-                                                 / n * 1000, 2)},
+            "bare": {"failed": bare_failed, "latency_s": bare_s, "cpu_s": bare_cpu},
+            "bare_as_api": {"failed": same_failed, "latency_s": same_s, "cpu_s": same_cpu},
+            "api": {"failed": api_failed, "latency_s": api_s, "cpu_s": api_cpu,
+                    "api_cpu_ms_per_post": round(sum(v for k, v in api_cpu.items()
+                                                     if k.startswith("api")) / n * 1000, 2)},
+            "server_started_s_after_gate": accepted,
             "post_p99_vs_bare": ratio(api_s.get("p99", float("nan")), bare_s.get("p99", float("nan"))),
+            "post_p99_vs_bare_as_api": ratio(api_s.get("p99", float("nan")), same_s.get("p99", float("nan"))),
             "generations": {"finished_in_time": finished, "statuses": statuses,
                             "duration_s": summary(durations),
                             "slowest_vs_delay": ratio(durations[-1], delay) if durations else None,
@@ -192,9 +275,15 @@ async def bench(args) -> None:
         "worker_memory": bool(g["worker_peak_mb"] < GOAL_WORKER_MB),
     }
     results["load_average_1m"] = round(psutil.getloadavg()[0], 2)
-    print_table(f"{n} submitted at once (seconds)", ["arm", "failed", "p50", "p99", "max"], [
-        ["bare start_workflow", bare_failed, bare_s.get("p50"), bare_s.get("p99"), bare_s.get("max")],
-        ["POST /v1/generations", api_failed, api_s.get("p50"), api_s.get("p99"), api_s.get("max")],
+    names = [k for k in api_cpu if k != "wall_s"]
+    print_table(f"{n} submitted at once (seconds; CPU seconds of each process from the gate to the last answer)",
+                ["arm", "failed", "p50", "p99", "max", *[f"CPU {k}" for k in names]], [
+        ["bare start_workflow", bare_failed, bare_s.get("p50"), bare_s.get("p99"), bare_s.get("max"),
+         *[bare_cpu[k] for k in names]],
+        ["(bare, as the API starts them)", same_failed, same_s.get("p50"), same_s.get("p99"), same_s.get("max"),
+         *[same_cpu[k] for k in names]],
+        ["POST /v1/generations", api_failed, api_s.get("p50"), api_s.get("p99"), api_s.get("max"),
+         *[api_cpu[k] for k in names]],
     ], caption=f"goal: POST p99 < {GOAL_POST_P99_S:g} s and <= {GOAL_POST_VS_BARE}x bare "
                f"(now {results['post_p99_vs_bare']}x)")
     d = g["duration_s"]
@@ -204,6 +293,9 @@ async def bench(args) -> None:
          "/".join(str(v) for v in g["cpu_s"].values())],
     ], caption=f"goals: all complete, slowest <= {GOAL_SLOWEST_VS_DELAY}x the delay, worker < "
                f"{GOAL_WORKER_MB:g} MB: {results['goals_met']}")
+    print_table("when the server recorded each arm's workflows as started (s after the gate)",
+                ["arm", "first", "p50", "p99", "last"],
+                [[arm, a.get("first"), a.get("p50"), a.get("p99"), a.get("last")] for arm, a in accepted.items()])
     print_profile("where the 20 slowest spent their time (mean of their histories)", g["profile"])
     console.print(f"activities timed out among the 60 slowest: {timeouts}")
     write_result(NAME, args, results, goals={"post_p99_max_s": GOAL_POST_P99_S, "post_vs_bare_max": GOAL_POST_VS_BARE,
@@ -219,6 +311,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (`make run` starts one)")
     p.add_argument("--worker-nice", type=int, default=0, help="run the workers at this niceness")
     p.add_argument("--grace", type=float, default=240.0, help="seconds past the delay before giving up")
+    p.add_argument("--api-processes", type=int, default=1,
+                   help="diagnostic: this many API processes, each on its own port, the POSTs spread over them")
+    p.add_argument("--hold-workers", action="store_true",
+                   help="diagnostic: suspend the workers while the POSTs are answered, resume them after")
+    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="record the API with py-spy")
     p.add_argument("--variant", default="shipped", choices=sorted(VARIANTS),
                    help="run the workers as this variant (bench.common.VARIANTS) instead of as shipped")
     args = resolve_paths(p.parse_args(), NAME)
