@@ -55,8 +55,13 @@ class KeyCache:
         if task is None:
             task = asyncio.ensure_future(self._look_up(key_hash, look_up))
             self._looking_up[key_hash] = task
-            task.add_done_callback(lambda _t: self._looking_up.pop(key_hash, None))
+            task.add_done_callback(lambda done: self._forget(key_hash, done))
         return await asyncio.shield(task)
+
+    def _forget(self, key_hash: str, done: asyncio.Task) -> None:
+        self._looking_up.pop(key_hash, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every caller may have gone before it failed
 
     async def _look_up(self, key_hash: str, look_up: Callable[[], Awaitable[str | None]]) -> str | None:
         user_id = await look_up()
