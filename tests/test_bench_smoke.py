@@ -35,6 +35,7 @@ EXPECTED = {
               "handoff_s", "goal_met", "chart"},
     "fairness_keys": {"default", "enableFairness"},
     "burst": {"count", "bare", "api", "post_p99_vs_bare", "generations", "goals_met"},
+    "api_cpu": {"count", "cpu_us_per_post", "sdk_start_us"},
 }
 TIMEOUT_S = 150
 
