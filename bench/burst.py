@@ -94,6 +94,34 @@ async def _at_once(n: int, one) -> tuple[list[float], int]:
     return latencies, failed
 
 
+def _timeline(history) -> list[str]:
+    """One history as `+seconds EVENT_TYPE (activity)` lines, from the workflow's start."""
+    from temporalio.api.enums.v1 import EventType
+
+    events = list(history.events)
+    if not events:
+        return []
+    t0 = events[0].event_time.ToDatetime()
+    by_id = {ev.event_id: ev for ev in events}
+    lines = []
+    for ev in events:
+        name = EventType.Name(ev.event_type).removeprefix("EVENT_TYPE_")
+        what = ""
+        if ev.HasField("activity_task_scheduled_event_attributes"):
+            what = ev.activity_task_scheduled_event_attributes.activity_type.name
+        elif ev.HasField("activity_task_started_event_attributes"):
+            sched = by_id.get(ev.activity_task_started_event_attributes.scheduled_event_id)
+            what = sched.activity_task_scheduled_event_attributes.activity_type.name if sched else ""
+        elif ev.HasField("activity_task_completed_event_attributes"):
+            sched = by_id.get(ev.activity_task_completed_event_attributes.scheduled_event_id)
+            what = sched.activity_task_scheduled_event_attributes.activity_type.name if sched else ""
+        elif ev.HasField("marker_recorded_event_attributes"):
+            what = ev.marker_recorded_event_attributes.marker_name
+        offset = (ev.event_time.ToDatetime() - t0).total_seconds()
+        lines.append(f"+{offset:8.3f} {name}{' ' + what if what else ''}")
+    return lines
+
+
 def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
     """CPU seconds (user + system) each process has used so far, read at once."""
     out = {}
@@ -239,6 +267,7 @@ async def bench(args) -> None:
             slowest = sorted((c for c in closed if c.close is not None), key=lambda c: c.seconds)[-60:]
             histories = [await s.client.get_workflow_handle(c.workflow_id).fetch_history() for c in slowest]
             profile = history_profile(histories[-20:])
+            slowest_timeline = _timeline(histories[-1]) if histories else []
             timeouts = activity_timeouts(histories)
         statuses: dict[str, int] = {}
         for c in closed:
@@ -262,7 +291,8 @@ async def bench(args) -> None:
                             "cpu_s": {k: round(sampler.cpu_between(k, t_api, t_done) * (t_done - t_api), 1)
                                       for k in procs},
                             "activity_timeouts_in_60_slowest": timeouts,
-                            "profile": profile},
+                            "profile": profile,
+                            "slowest_timeline": slowest_timeline},
         })
         for worker in workers:
             worker.stop()
