@@ -95,6 +95,17 @@ async def _at_once(n: int, one) -> tuple[list[float], int]:
     return latencies, failed
 
 
+def _bare_starts(client, prefix: str):
+    """A fresh queue no worker polls, and `start(i)`: one bare workflow started on it."""
+    queue = f"bench-{prefix}-{uuid.uuid4().hex[:8]}"
+
+    async def start(i: int) -> bool:
+        await client.start_workflow("BareBurst", id=f"{prefix}-{i}-{uuid.uuid4().hex[:6]}", task_queue=queue)
+        return True
+
+    return queue, start
+
+
 def _timeline(history) -> list[str]:
     """One history as `+seconds EVENT_TYPE (activity)` lines, from the workflow's start."""
     from temporalio.api.enums.v1 import EventType
@@ -206,13 +217,7 @@ async def bench(args) -> None:
             procs = {"api": api.ps, **{f"api-{i + 1}": a.ps for i, a in enumerate(more_apis)}, "server": s.server,
                      **{f"worker-{i}": w.ps for i, w in enumerate(workers)}}
             with Sampler(procs) as sampler:
-                bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
-
-                async def bare(i: int) -> bool:
-                    await s.client.start_workflow("BareBurst", id=f"bare-{i}-{uuid.uuid4().hex[:6]}",
-                                                  task_queue=bare_queue)
-                    return True
-
+                bare_queue, bare = _bare_starts(s.client, "bare")
                 console.print(f"[bold]bare[/bold]: {n} start_workflow calls at once")
                 arm_procs = {**procs, "client": psutil.Process()}
                 bare_lat, bare_failed, bare_cpu = await _arm(n, bare, arm_procs)
@@ -232,15 +237,9 @@ async def bench(args) -> None:
                 console.print(f"[bold]bare, as the API starts them[/bold]: {n} start_workflow calls at once")
                 same_lat, same_failed, same_cpu = await _arm(n, bare_as_api, arm_procs)
                 await asyncio.sleep(2.0)
-                # The bare arm again, just before the POSTs: how much a server that has taken
-                # 2,000 starts since has slowed (the POSTs come third, on a bigger database).
-                again_queue = f"bench-again-{uuid.uuid4().hex[:8]}"
-
-                async def bare_again(i: int) -> bool:
-                    await s.client.start_workflow("BareBurst", id=f"again-{i}-{uuid.uuid4().hex[:6]}",
-                                                  task_queue=again_queue)
-                    return True
-
+                # The bare arm again, just before the POSTs: whether a server that has taken 2N
+                # starts since has slowed (the POSTs come last, on the biggest database).
+                again_queue, bare_again = _bare_starts(s.client, "again")
                 console.print(f"[bold]bare again[/bold]: {n} start_workflow calls at once")
                 again_lat, again_failed, again_cpu = await _arm(n, bare_again, arm_procs)
                 await asyncio.sleep(2.0)
