@@ -34,6 +34,8 @@ from atelier import credits, users
 from atelier.db import create_engine
 from atelier.messages import ImageInput
 from bench.common import (
+    activity_name,
+    cpu_seconds,
     free_port,
     dev_server_flags,
     ImageServer,
@@ -122,11 +124,9 @@ def _timeline(history) -> list[str]:
         if ev.HasField("activity_task_scheduled_event_attributes"):
             what = ev.activity_task_scheduled_event_attributes.activity_type.name
         elif ev.HasField("activity_task_started_event_attributes"):
-            sched = by_id.get(ev.activity_task_started_event_attributes.scheduled_event_id)
-            what = sched.activity_task_scheduled_event_attributes.activity_type.name if sched else ""
+            what = activity_name(by_id, ev.activity_task_started_event_attributes.scheduled_event_id)
         elif ev.HasField("activity_task_completed_event_attributes"):
-            sched = by_id.get(ev.activity_task_completed_event_attributes.scheduled_event_id)
-            what = sched.activity_task_scheduled_event_attributes.activity_type.name if sched else ""
+            what = activity_name(by_id, ev.activity_task_completed_event_attributes.scheduled_event_id)
         elif ev.HasField("marker_recorded_event_attributes"):
             what = ev.marker_recorded_event_attributes.marker_name
         offset = (ev.event_time.ToDatetime() - t0).total_seconds()
@@ -134,27 +134,15 @@ def _timeline(history) -> list[str]:
     return lines
 
 
-def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    """CPU seconds (user + system) each process has used so far, read at once."""
-    out = {}
-    for name, proc in procs.items():
-        try:
-            t = proc.cpu_times()
-            out[name] = t.user + t.system
-        except psutil.Error:
-            out[name] = float("nan")
-    return out
-
-
 async def _arm(n: int, one, procs: dict[str, psutil.Process]) -> tuple[list[float], int, dict[str, float]]:
     """`_at_once`, and the CPU seconds every process spent from the gate to the last answer
     (`client` is this process: the load generator shares the two cores)."""
-    before = _cpu_seconds(procs)
+    before = {name: cpu_seconds(proc) for name, proc in procs.items()}
     t = time.perf_counter()
     cpu: dict[str, float] = {"gate_epoch": time.time()}
     latencies, failed = await _at_once(n, one)
     wall = time.perf_counter() - t
-    after = _cpu_seconds(procs)
+    after = {name: cpu_seconds(proc) for name, proc in procs.items()}
     cpu.update({name: round(after[name] - before[name], 2) for name in procs})
     cpu["wall_s"] = round(wall, 2)
     return latencies, failed, cpu
@@ -163,12 +151,12 @@ async def _arm(n: int, one, procs: dict[str, psutil.Process]) -> tuple[list[floa
 async def _accepted(client, task_queue: str, gate_epoch: float, prefix: str = "") -> dict[str, float]:
     """When the server recorded the arm's workflows as started, in seconds after the gate: the
     server's side of the arm's timeline (against the callers' latencies)."""
-    starts = sorted(c.start.timestamp() - gate_epoch for c in await closed_workflows(client, task_queue)
-                    if c.workflow_id.startswith(prefix))
-    if not starts:
+    starts = summary([c.start.timestamp() - gate_epoch for c in await closed_workflows(client, task_queue)
+                      if c.workflow_id.startswith(prefix)])
+    if not starts["n"]:
         return {}
-    return {"first": round(starts[0], 2), "p50": round(starts[len(starts) // 2], 2),
-            "p99": round(starts[int(len(starts) * 0.99) - 1], 2), "last": round(starts[-1], 2)}
+    return {"first": round(starts["min"], 2), "p50": round(starts["p50"], 2), "p99": round(starts["p99"], 2),
+            "last": round(starts["max"], 2)}
 
 
 async def bench(args) -> None:
@@ -322,18 +310,16 @@ async def bench(args) -> None:
     }
     results["load_average_1m"] = round(psutil.getloadavg()[0], 2)
     names = [k for k in api_cpu if k != "wall_s"]
+    arms = [("bare start_workflow", bare_failed, bare_s, bare_cpu),
+            ("(bare, as the API starts them)", same_failed, same_s, same_cpu),
+            ("(bare again, third)", again_failed, again_s, again_cpu),
+            ("POST /v1/generations", api_failed, api_s, api_cpu)]
     print_table(f"{n} submitted at once (seconds; CPU seconds of each process from the gate to the last answer)",
-                ["arm", "failed", "p50", "p99", "max", *[f"CPU {k}" for k in names]], [
-        ["bare start_workflow", bare_failed, bare_s.get("p50"), bare_s.get("p99"), bare_s.get("max"),
-         *[bare_cpu[k] for k in names]],
-        ["(bare, as the API starts them)", same_failed, same_s.get("p50"), same_s.get("p99"), same_s.get("max"),
-         *[same_cpu[k] for k in names]],
-        ["(bare again, third)", again_failed, again_s.get("p50"), again_s.get("p99"), again_s.get("max"),
-         *[again_cpu[k] for k in names]],
-        ["POST /v1/generations", api_failed, api_s.get("p50"), api_s.get("p99"), api_s.get("max"),
-         *[api_cpu[k] for k in names]],
-    ], caption=f"goal: POST p99 < {GOAL_POST_P99_S:g} s and <= {GOAL_POST_VS_BARE}x bare "
-               f"(now {results['post_p99_vs_bare']}x)")
+                ["arm", "failed", "p50", "p99", "max", *[f"CPU {k}" for k in names]],
+                [[label, failed, lat.get("p50"), lat.get("p99"), lat.get("max"), *[cpu[k] for k in names]]
+                 for label, failed, lat, cpu in arms],
+                caption=f"goal: POST p99 < {GOAL_POST_P99_S:g} s and <= {GOAL_POST_VS_BARE}x bare "
+                        f"(now {results['post_p99_vs_bare']}x)")
     d = g["duration_s"]
     print_table("the generations, start to close", ["completed", "p50 s", "max s", "x delay", "worker peak MB",
                                                      "CPU s api/server/worker(s)"], [

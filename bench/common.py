@@ -197,6 +197,15 @@ def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
             "mean": round(sum(v) / len(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) a process has used so far; NaN once it is gone."""
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except Exception:  # noqa: BLE001 - a process gone: no figure
+        return float("nan")
+
+
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
@@ -721,6 +730,12 @@ def provider_settings(s: Stack, provider: str, delay_s: float, **overrides: Any)
 # ---- where the time goes, from histories --------------------------------------------------
 
 
+def activity_name(by_id: dict, scheduled_event_id: int) -> str:
+    """The activity type of the event scheduled as `scheduled_event_id` ("" if not in `by_id`)."""
+    sched = by_id.get(scheduled_event_id)
+    return sched.activity_task_scheduled_event_attributes.activity_type.name if sched is not None else ""
+
+
 def history_profile(histories: list) -> dict[str, dict[str, float]]:
     """Mean milliseconds per step over some histories: for each activity type, waiting for a
     worker (scheduled -> started) and running (started -> completed); for workflow tasks the
@@ -740,14 +755,13 @@ def history_profile(histories: list) -> dict[str, dict[str, float]]:
         for ev in history.events:
             t = ev.event_time.ToDatetime()
             if ev.event_type == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-                sched = by_id[ev.activity_task_started_event_attributes.scheduled_event_id]
-                name = sched.activity_task_scheduled_event_attributes.activity_type.name
-                add(name, "queued_ms", (t - sched.event_time.ToDatetime()).total_seconds())
+                scheduled_id = ev.activity_task_started_event_attributes.scheduled_event_id
+                add(activity_name(by_id, scheduled_id), "queued_ms",
+                    (t - by_id[scheduled_id].event_time.ToDatetime()).total_seconds())
             elif ev.event_type == E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                 attrs = ev.activity_task_completed_event_attributes
-                sched = by_id[attrs.scheduled_event_id]
-                name = sched.activity_task_scheduled_event_attributes.activity_type.name
-                add(name, "running_ms", (t - by_id[attrs.started_event_id].event_time.ToDatetime()).total_seconds())
+                add(activity_name(by_id, attrs.scheduled_event_id), "running_ms",
+                    (t - by_id[attrs.started_event_id].event_time.ToDatetime()).total_seconds())
             elif ev.event_type == E.EVENT_TYPE_WORKFLOW_TASK_STARTED:
                 sched = by_id[ev.workflow_task_started_event_attributes.scheduled_event_id]
                 add("(workflow task)", "queued_ms", (t - sched.event_time.ToDatetime()).total_seconds())
@@ -775,7 +789,7 @@ def activity_timeouts(histories: list) -> dict[str, int]:
             if ev.event_type != E.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
                 continue
             attrs = ev.activity_task_timed_out_event_attributes
-            name = by_id[attrs.scheduled_event_id].activity_task_scheduled_event_attributes.activity_type.name
+            name = activity_name(by_id, attrs.scheduled_event_id)
             kind = TimeoutType.Name(attrs.failure.timeout_failure_info.timeout_type).removeprefix("TIMEOUT_TYPE_")
             found[f"{name}/{kind}"] = found.get(f"{name}/{kind}", 0) + 1
     return found

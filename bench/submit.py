@@ -36,6 +36,7 @@ from bench.common import (
     dev_server_flags,
     ManagedProcess,
     console,
+    cpu_seconds,
     parser,
     pct,
     prepare_database,
@@ -118,14 +119,6 @@ class RawHttpPool:
         self._idle.clear()
 
 
-def _cpu(proc) -> float:
-    try:
-        t = proc.cpu_times()
-        return t.user + t.system
-    except Exception:  # noqa: BLE001 - a process gone: no figure
-        return float("nan")
-
-
 async def closed_loop(call, concurrency: int, duration: float, warmup: float, procs: dict | None = None) -> dict:
     """C clients in a loop for `warmup` + `duration` s; only the last `duration` s count.
     `procs`: name -> psutil.Process whose CPU per request is reported."""
@@ -150,12 +143,12 @@ async def closed_loop(call, concurrency: int, duration: float, warmup: float, pr
 
     async def mark() -> None:
         await asyncio.sleep(max(0.0, t_measure - loop.time()))
-        cpu_at_measure.update({name: _cpu(p) for name, p in (procs or {}).items()})
+        cpu_at_measure.update({name: cpu_seconds(p) for name, p in (procs or {}).items()})
 
     marker = asyncio.ensure_future(mark())
     await asyncio.gather(*(client() for _ in range(concurrency)))
     await marker
-    cpu_ms = {name: round((_cpu(p) - cpu_at_measure[name]) / max(1, len(latencies)) * 1000, 2)
+    cpu_ms = {name: round((cpu_seconds(p) - cpu_at_measure[name]) / max(1, len(latencies)) * 1000, 2)
               for name, p in (procs or {}).items()}
     elapsed = max(loop.time(), t_stop) - t_measure
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
