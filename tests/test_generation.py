@@ -19,7 +19,8 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from atelier import works
 from atelier.errors import InvalidRequest
-from atelier.messages import ChargeRequest, ChargeResult, GenerationRequest, GenerationResult, ImageInput, Status
+from atelier.messages import (ChargeRequest, ChargeResult, DownloadRequest, DownloadResult, GenerationRequest,
+                              GenerationResult, ImageInput, Status)
 from starter.service import read_generation, start_generation
 from tests.fakes import images as fake_images
 from tests.fakes.gemini_server import FakeGemini, Reply
@@ -394,3 +395,117 @@ async def test_cancel_while_the_charge_is_in_flight_still_refunds(harness, monke
     assert isinstance(failure.value.cause, CancelledError)
     assert await h.ledger(handle.id) == (10, 10)
     assert await h.balance(user) == 100
+
+
+# ---- the steps before the AI call, side by side --------------------------------------------
+
+
+def _scheduled(history, name: str):
+    """The ActivityTaskScheduled events of activity `name`, in order."""
+    return [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == name]
+
+
+def _event_index(history, event_id: int) -> int:
+    return next(i for i, e in enumerate(history.events) if e.event_id == event_id)
+
+
+async def test_download_and_model_choice_start_beside_the_charge(harness):
+    """One workflow task schedules the charge, the download and the model choice: a generation
+    reaches its AI call two round trips sooner than when each waited for the one before it."""
+    h = harness
+    user = await h.user(100)
+    async with h.worker():
+        handle = await h.start(user, "photography", await inputs(h, user, 1))
+        result = await handle.result()
+        history = await handle.fetch_history()
+    assert result.status == "completed"
+    first = {name: _scheduled(history, name) for name in ("charge_credits", "download_and_convert", "select_model")}
+    assert all(len(events) == 1 for events in first.values()), first
+    tasks = {name: events[0].activity_task_scheduled_event_attributes.workflow_task_completed_event_id
+             for name, events in first.items()}
+    assert len(set(tasks.values())) == 1, tasks
+    # ... and that task is the generation's first.
+    completed = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+    assert tasks["charge_credits"] == completed[0].event_id
+    await assert_money(h, handle.id, Status.COMPLETED, 10)
+
+
+async def test_a_download_that_fails_while_the_charge_commits_is_refunded_after_the_charge(harness, monkeypatch):
+    """The download fails (an upload that does not exist: no retry) while the charge is still
+    committing. The refund waits for the charge to settle, then gives it back: never a refund
+    that finds nothing and a charge that lands after it."""
+    from temporalio import activity
+
+    from activities.credits import CreditActivities
+
+    real_charge = CreditActivities.charge_credits
+
+    @activity.defn(name="charge_credits")
+    async def slow_charge(self, req: ChargeRequest) -> ChargeResult:
+        await asyncio.sleep(2.0)  # the download fails meanwhile
+        return await real_charge(self, req)
+
+    monkeypatch.setattr(CreditActivities, "charge_credits", slow_charge)
+    h = harness
+    user = await h.user(100)
+    async with h.worker():
+        handle = await h.start(user, "photography", [ImageInput(file_id="fil_nosuchupload")])
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        history = await handle.fetch_history()
+    assert isinstance(failure.value.cause, ApplicationError) and failure.value.cause.type == "BadImage"
+    ids = {e.event_id: e for e in history.events}
+    [download] = _scheduled(history, "download_and_convert")
+    [charge] = _scheduled(history, "charge_credits")
+    [refund] = _scheduled(history, "refund_credits")
+
+    def ended(scheduled) -> int:
+        return next(i for i, e in enumerate(history.events)
+                    if e.event_type in (EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED, EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED)
+                    and (e.activity_task_completed_event_attributes.scheduled_event_id == scheduled.event_id
+                         or e.activity_task_failed_event_attributes.scheduled_event_id == scheduled.event_id))
+
+    assert history.events[ended(download)].event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
+    assert ended(download) < ended(charge) < _event_index(history, refund.event_id), (
+        "the download failed first, and the refund was scheduled only after the charge had committed")
+    assert ids[refund.event_id].event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    assert await h.ledger(handle.id) == (10, 10)
+    assert await h.balance(user) == 100
+
+
+async def test_a_rejected_charge_drops_the_download_under_way(harness, monkeypatch):
+    """Not enough credits (the balance fell after the API's check): the generation is rejected as
+    soon as the charge says so, without waiting for the download started beside it, which is
+    told to stop; nothing is charged and no AI is called."""
+    from temporalio import activity
+
+    from activities.images import ImageActivities
+
+    stopped = asyncio.Event()
+
+    @activity.defn(name="download_and_convert")
+    async def endless_download(self, req: DownloadRequest) -> DownloadResult:
+        try:
+            for _ in range(600):  # 60 s at most; a cancel arrives with a heartbeat
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        raise ApplicationError("the download was never told to stop", non_retryable=True)
+
+    monkeypatch.setattr(ImageActivities, "download_and_convert", endless_download)
+    h = harness
+    user = await h.user(5)  # a photography generation costs 10
+    async with h.worker():
+        handle = await h.start(user, "photography", await inputs(h, user, 1))
+        result = await asyncio.wait_for(handle.result(), timeout=30)
+        await asyncio.wait_for(stopped.wait(), timeout=30)
+        history = await handle.fetch_history()
+    assert result.status == "rejected" and result.error_code == "InsufficientCredits"
+    assert result.error_stage == "charging"
+    assert [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED]
+    assert not _scheduled(history, "call_ai")
+    await assert_money(h, handle.id, Status.REJECTED, 10)
+    assert await h.balance(user) == 5

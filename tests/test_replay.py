@@ -30,7 +30,7 @@ HISTORIES = Path(__file__).parent / "histories"
 REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook",
             "deadline", "ai_retry", "webhook_events"]
 # Histories kept from before a patch: each folder holds the required set of its day.
-OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9, "v5": 9, "v6": 9}
+OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9, "v5": 9, "v6": 9, "v7": 9}
 PRIMARY = "gemini-2.5-flash-image"
 
 
@@ -45,9 +45,11 @@ def load(name: str) -> WorkflowHistory:
 # admission/released/ since the AI activity gives its slot back itself (no release signal command
 # after a call that did; the admission workflow on its own task queue), admission/current/ since the
 # generation-2026-11 patch bundle (one patch marker), admission/answered/ since the line is joined by
-# the join_line update, whose answer carries a free slot (the same commands: no patch).
+# the join_line update, whose answer carries a free slot (the same commands: no patch),
+# admission/parallel/ since the generation-2026-12 bundle (download and model choice beside the charge).
 ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local", "admission/released",
-                                                          "admission/current", "admission/answered")
+                                                          "admission/current", "admission/answered",
+                                                          "admission/parallel")
                        for name in ("waited_in_line", "busy_then_ok", "canceled_in_line", "admission_workflow")]
 
 
@@ -65,7 +67,9 @@ def test_every_required_history_is_recorded():
 # generations kept in subfolders (v1/: before the save-work-survives-cancel patch; v2/: before
 # charge-settles-before-cancel; v3/: before explicit-deadline and ai-attempts-in-workflow; v4/: before
 # model-admission; v5/: before the generation-2026-11 bundle, each patch its own marker; v6/: before
-# the join_line update, when every grant came as a signal, no patch needed). Old
+# the join_line update, when every grant came as a signal, no patch needed; v7/: before the
+# generation-2026-12 bundle, when the download waited for the charge and the model choice for the
+# download). Old
 # histories must keep replaying for as long as such workflows may still be open.
 ALL_HISTORIES = sorted(HISTORIES.rglob("*.json"))
 
@@ -180,7 +184,7 @@ async def test_record_admission_histories(harness_factory, tmp_path):
 
     from atelier.messages import admission_workflow_id
 
-    folder = HISTORIES / "admission" / "answered"
+    folder = HISTORIES / "admission" / "parallel"
     folder.mkdir(parents=True, exist_ok=True)
 
     async def save(handle, name):

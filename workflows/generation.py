@@ -119,17 +119,30 @@ PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
 # the workflow waits for the activity to acknowledge the cancel, so the next call in line never
 # starts beside a call the worker is still making.
 PATCH_SLOT_HELD_UNTIL_CALL_STOPS = "slot-held-until-call-stops"
+# The download and the model choice start beside the charge, in the same workflow task: a
+# generation reaches its AI call two round trips sooner. The charge still settles before anything
+# is refunded, and a rejected charge drops the other two.
+PATCH_PRE_CALL_IN_PARALLEL = "pre-call-steps-in-parallel"
 # Every change above, recorded once. The SDK writes each patch it records as a marker plus an
 # upsert of the TemporalChangeVersion search attribute (a visibility write on the server): a new
-# generation recorded 6 to 8 of them. It now records this one alone, and takes every patch above
-# as applied; histories without it replay down the old branches, each patch checked as before.
-# A change made later gets its own patch (checked with `_patched`), folded in here when the next
-# such bundle is cut.
-PATCH_CURRENT = "generation-2026-11"
-PATCHES_IN_CURRENT = frozenset({
-    PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
-    PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
-})
+# generation recorded 6 to 8 of them. It records one bundle's marker alone, and takes every patch
+# in it as applied; histories without a bundle replay down the old branches, each patch checked
+# as before. A change made later gets its own patch (checked with `_patched`), folded into a new
+# bundle when the next one is cut. Newest first: a generation records the first, and a history
+# replays with the one it recorded.
+PATCH_BUNDLE_2026_11 = "generation-2026-11"
+PATCH_BUNDLE_2026_12 = "generation-2026-12"
+PATCH_BUNDLES = {
+    PATCH_BUNDLE_2026_12: frozenset({
+        PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
+        PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS, PATCH_PRE_CALL_IN_PARALLEL,
+    }),
+    PATCH_BUNDLE_2026_11: frozenset({
+        PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
+        PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
+    }),
+}
+PATCH_CURRENT = next(iter(PATCH_BUNDLES))
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
@@ -147,6 +160,14 @@ async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
     if canceled and then_honour_cancel:
         raise asyncio.CancelledError()
     return result
+
+
+def _abandon(*futures: asyncio.Future) -> None:
+    """Cancel steps whose outcome is no longer wanted (an activity still running hears of it), and
+    retrieve whatever they end with, so that no failure is left unread."""
+    for future in futures:
+        future.cancel()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class _Rejected(Exception):
@@ -231,7 +252,7 @@ class GenerationWorkflow:
         # What stopped the steps first: "deadline" or "cancel" (None: they ended by themselves).
         self._ended_by: str | None = None
         self._ai_started = False
-        self._current = False  # PATCH_CURRENT recorded (set first thing in run)
+        self._bundle: frozenset[str] = frozenset()  # the patches of the bundle recorded (set first thing in run)
         self._started_sent = False
         self._deliveries: list[asyncio.Task] = []
         self._slot = _Slot()
@@ -299,9 +320,9 @@ class GenerationWorkflow:
             self._send_event("progress")
 
     def _patched(self, patch_id: str) -> bool:
-        """workflow.patched, except that a generation that recorded PATCH_CURRENT has every patch it
-        bundles without recording each (see PATCH_CURRENT)."""
-        if self._current and patch_id in PATCHES_IN_CURRENT:
+        """workflow.patched, except that a generation that recorded a bundle has every patch it
+        bundles without recording each (see PATCH_BUNDLES)."""
+        if patch_id in self._bundle:
             return True
         return workflow.patched(patch_id)
 
@@ -326,8 +347,13 @@ class GenerationWorkflow:
         p = self._progress
         p.task_id, p.kind = req.task_id, req.kind
         self._req = req
-        # First, before any other command: histories recorded without it replay as they were.
-        self._current = workflow.patched(PATCH_CURRENT)
+        # First, before any other command: the newest bundle for a new generation; a history
+        # replays with the bundle it recorded (a replayed patched() is True only for a marker in
+        # the history), or with none, as it was.
+        for bundle, patches in PATCH_BUNDLES.items():
+            if workflow.patched(bundle):
+                self._bundle = patches
+                break
         explicit_deadline = self._patched(PATCH_EXPLICIT_DEADLINE)
         self._status(Status.RUNNING)
         try:
@@ -439,6 +465,46 @@ class GenerationWorkflow:
             retry_policy=policies.SHORT_RETRY,
             summary=f"Charge {req.cost} credits",
         ))
+        if not self._patched(PATCH_PRE_CALL_IN_PARALLEL):
+            await self._charge(charging)
+            downloaded = await self._download(req)
+            output = await self._generate(req, downloaded)
+        else:
+            # Neither the download nor the model choice needs the charge's outcome (the API refused
+            # a balance short of the cost already): both start beside it, in this workflow task.
+            # The charge is still settled before either outcome is looked at, so a failed download
+            # is refunded only once the charge has committed, and a rejected charge drops them.
+            downloading = asyncio.ensure_future(self._download_activity(req))
+            choosing = asyncio.ensure_future(self._select_model(req, []))
+            try:
+                await self._charge(charging)
+                self._stage(Stage.DOWNLOADING)  # the stages still pass in order, for the progress stream
+                downloaded = await downloading
+            except BaseException:
+                _abandon(downloading, choosing)
+                raise
+            output = await self._generate(req, downloaded, choosing)
+
+        self._stage(Stage.SAVING)
+        save = workflow.execute_activity_method(
+            WorkActivities.save_work,
+            SaveWorkRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=output.model,
+                            prompt=req.prompt, images=output.images),
+            start_to_close_timeout=seconds(t.short_start_to_close_s),
+            retry_policy=policies.SHORT_RETRY,
+            summary=f"Save work ({len(output.images)} image(s))",
+        )
+        if self._patched(PATCH_SAVE_SURVIVES_CANCEL):
+            # The images exist: a cancel arriving now is too late. Finish the save, so a work
+            # is never saved for a generation that was then refunded.
+            saved = await _uncancellable(save)
+        else:
+            saved = await save
+        p.work_id, p.images = saved.work_id, list(output.images)
+
+    async def _charge(self, charging: asyncio.Future) -> None:
+        """Wait for the charge; a refusal (no credits, no such user) rejects the generation."""
+        p = self._progress
         try:
             if self._patched(PATCH_CHARGE_SETTLES_BEFORE_CANCEL):
                 # Let a charge in flight settle before a cancel is acted on: a refund that ran
@@ -459,30 +525,13 @@ class GenerationWorkflow:
         p.credits_charged = charge.charged
         self._send_event("started")
 
-        downloaded = await self._download(req)
-        output = await self._generate(req, downloaded)
-
-        self._stage(Stage.SAVING)
-        save = workflow.execute_activity_method(
-            WorkActivities.save_work,
-            SaveWorkRequest(task_id=req.task_id, user_id=req.user_id, kind=req.kind, model=output.model,
-                            prompt=req.prompt, images=output.images),
-            start_to_close_timeout=seconds(t.short_start_to_close_s),
-            retry_policy=policies.SHORT_RETRY,
-            summary=f"Save work ({len(output.images)} image(s))",
-        )
-        if self._patched(PATCH_SAVE_SURVIVES_CANCEL):
-            # The images exist: a cancel arriving now is too late. Finish the save, so a work
-            # is never saved for a generation that was then refunded.
-            saved = await _uncancellable(save)
-        else:
-            saved = await save
-        p.work_id, p.images = saved.work_id, list(output.images)
-
     async def _download(self, req: GenerationRequest):
-        t = req.timeouts
         self._stage(Stage.DOWNLOADING)
-        return await workflow.execute_activity_method(
+        return await self._download_activity(req)
+
+    def _download_activity(self, req: GenerationRequest):
+        t = req.timeouts
+        return workflow.execute_activity_method(
             ImageActivities.download_and_convert,
             DownloadRequest(task_id=req.task_id, user_id=req.user_id, images=req.images),
             start_to_close_timeout=seconds(t.download_start_to_close_s),
@@ -491,20 +540,27 @@ class GenerationWorkflow:
             summary=f"Download and convert {len(req.images)} image(s)",
         )
 
-    async def _generate(self, req: GenerationRequest, downloaded) -> AiOutput:
-        """Call the AI, falling back to the next model when one fails in a way retries cannot fix."""
+    def _select_model(self, req: GenerationRequest, tried: list[str]):
+        return workflow.execute_activity_method(
+            ModelActivities.select_model,
+            SelectModelRequest(kind=req.kind, exclude=list(tried)),
+            start_to_close_timeout=seconds(req.timeouts.short_start_to_close_s),
+            retry_policy=policies.SHORT_RETRY,
+            summary="Select model" if not tried else f"Select model after {tried[-1]} failed",
+        )
+
+    async def _generate(self, req: GenerationRequest, downloaded, first_choice: asyncio.Future | None = None) -> AiOutput:
+        """Call the AI, falling back to the next model when one fails in a way retries cannot fix.
+        `first_choice`: the first select_model, when it was started ahead."""
         p, t = self._progress, req.timeouts
         tried: list[str] = []
         last_error: ActivityError | None = None
         while len(tried) < MAX_MODELS:
             self._stage(Stage.SELECTING_MODEL)
-            choice: ModelChoice = await workflow.execute_activity_method(
-                ModelActivities.select_model,
-                SelectModelRequest(kind=req.kind, exclude=list(tried)),
-                start_to_close_timeout=seconds(t.short_start_to_close_s),
-                retry_policy=policies.SHORT_RETRY,
-                summary="Select model" if not tried else f"Select model after {tried[-1]} failed",
-            )
+            if first_choice is not None and not tried:
+                choice: ModelChoice = await first_choice
+            else:
+                choice = await self._select_model(req, tried)
             if not choice.model:
                 break
             tried.append(choice.model)
