@@ -247,6 +247,11 @@ async def bench(args) -> None:
                 if args.hold_workers:  # diagnostic: the POSTs with no generation work beside them
                     for worker in workers:
                         worker.ps.suspend()
+                if args.py_spy is not None:
+                    # The workers from the first POST until the calls wait: the burst's pre-call work.
+                    for i, worker in enumerate(workers):
+                        worker.profile(args.py_spy / f"burst-worker-{i}.txt", rate=100,
+                                       duration_s=max(1, round(delay * 0.6)))
                 t_api = sampler.now()
                 api_lat, api_failed, api_cpu = await _arm(n, post, arm_procs)
                 t_posted = sampler.now()
@@ -349,7 +354,7 @@ def main() -> None:
                    help="diagnostic: this many API processes, each on its own port, the POSTs spread over them")
     p.add_argument("--hold-workers", action="store_true",
                    help="diagnostic: suspend the workers while the POSTs are answered, resume them after")
-    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="record the API with py-spy")
+    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="record the API with py-spy, and the workers from the first POST for 0.6 of the delay")
     p.add_argument("--variant", default="shipped", choices=sorted(VARIANTS),
                    help="run the workers as this variant (bench.common.VARIANTS) instead of as shipped")
     args = resolve_paths(p.parse_args(), NAME)

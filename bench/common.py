@@ -387,12 +387,14 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def profile(self, out: Path, rate: int = 50) -> None:
-        """Attach py-spy (a dev tool, not a dependency: `pip install py-spy`) until stop()."""
+    def profile(self, out: Path, rate: int = 50, duration_s: int | None = None) -> None:
+        """Attach py-spy (a dev tool, not a dependency: `pip install py-spy`) until stop(), or for
+        `duration_s` seconds."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(out.suffix, "raw")  # raw: collapsed stacks
+        limit = ["--duration", str(duration_s)] if duration_s else []
         self.profiler = subprocess.Popen([py_spy, "record", "--pid", str(self.popen.pid), "--rate", str(rate),
-                                          "--format", fmt, "-o", str(out), "--nonblocking"],
+                                          "--format", fmt, "-o", str(out), "--nonblocking", *limit],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -702,6 +704,8 @@ VARIANTS: dict[str, Variant] = {
     "no-admission": Variant("remote models' calls skip the admission line (diagnostic)", patches=("no-admission",)),
     "join-by-signal": Variant("the slot request a signal and every grant a signal back (before the join_line "
                               "update)", patches=("join-by-signal",)),
+    "sequential-pre-call": Variant("charge, download and model choice one after another (before the "
+                                   "generation-2026-12 bundle)", patches=("sequential-pre-call",)),
     "no-bytecode": Variant("no .pyc: the sandbox compiles the workflow module each time", bytecode_cache=False),
     "no-fsync": Variant("blob store without fsync", (("blob_fsync", False),)),
     "local-activities": Variant("charge, select_model, save_work as local activities", patches=("local-activities",)),

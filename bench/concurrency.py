@@ -172,8 +172,9 @@ async def floor_arm(s, n: int, delay: float, grace: float) -> dict:
     return arm
 
 
-async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: float) -> dict:
-    """Bare workflows of a generation's shape: the burst goal's baseline (issue 13, goal 1)."""
+async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: float, *, parallel: bool = True) -> dict:
+    """Bare workflows of a generation's shape: the burst goal's baseline (issue 13, goal 1). `parallel`:
+    the three no-ops before the wait side by side, as a generation runs them now; else one by one."""
     tq = f"floor-shape-{uuid.uuid4().hex[:8]}"
     proc = start_floor_worker(s, tq, max_concurrent_activities=max(n, 200))
     await wait_for_pollers(s.client, [(tq, "workflow"), (tq, "activity")], proc)
@@ -181,10 +182,11 @@ async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: fl
     async def start(i: int):
         wf_id = f"floor-shape-{i}-{uuid.uuid4().hex[:8]}"
         await s.client.start_workflow(FloorShapeWorkflow.run, ShapeInput(task_id=wf_id, seconds=delay,
-                                                                          heartbeat_s=heartbeat_s),
+                                                                          heartbeat_s=heartbeat_s, parallel=parallel),
                                       id=wf_id, task_queue=tq)
 
-    arm = await run_arm(s, "floor: bare workflows of a generation's shape", n, delay, grace, tq,
+    what = "the three before side by side" if parallel else "the three before one by one"
+    arm = await run_arm(s, f"floor: bare workflows of a generation's shape ({what})", n, delay, grace, tq,
                         {"worker": proc.ps, "server": s.server}, start)
     proc.stop()
     return arm
@@ -239,7 +241,8 @@ async def bench(args) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         floor = await floor_arm(s, n, delay, args.grace) if args.floor else None
-        shape = (await shape_floor_arm(s, n, delay, args.grace, Settings.model_fields["ai_heartbeat_s"].default)
+        shape = (await shape_floor_arm(s, n, delay, args.grace, Settings.model_fields["ai_heartbeat_s"].default,
+                                       parallel=not args.sequential_shape_floor)
                  if args.floor and args.shape_floor else None)
         main_arm = await generation_arm(s, args.provider, n, delay, args.grace, "shipped")
         others = [await generation_arm(s, args.provider, n, delay, args.grace, v) for v in variants]
@@ -296,7 +299,10 @@ def main() -> None:
     p.add_argument("--variants", default="", help="also run generations with these worker variants "
                    f"(comma-separated, from: {', '.join(k for k in VARIANTS if k != 'shipped')})")
     p.add_argument("--no-shape-floor", dest="shape_floor", action="store_false",
-                   help="skip the floor of a generation's shape (3 no-op activities, one heartbeating wait, 1 no-op)")
+                   help="skip the floor of a generation's shape (3 no-op activities side by side, one heartbeating "
+                   "wait, 1 no-op)")
+    p.add_argument("--sequential-shape-floor", action="store_true",
+                   help="the shape floor's three no-ops one by one, as a generation ran them before generation-2026-12")
     p.add_argument("--grace", type=float, default=120.0, help="seconds past the delay before giving up")
     args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))

@@ -98,6 +98,9 @@ class ShapeInput:
     seconds: float = 60.0
     heartbeat_s: float = 55.0  # the AI call's heartbeat timeout (ATELIER_AI_HEARTBEAT_S)
     after: int = 1  # save_work
+    # The `before` steps side by side, scheduled by one workflow task, as a generation runs its
+    # charge, download and model choice since the generation-2026-12 bundle; False: one after another.
+    parallel: bool = True
 
 
 @workflow.defn(name="BenchFloorShapeWorkflow")
@@ -107,17 +110,23 @@ class FloorShapeWorkflow:
 
     @workflow.run
     async def run(self, req: ShapeInput) -> int:
+        def step_(step: int):
+            return workflow.execute_activity(noop, StepInput(task_id=req.task_id, step=step),
+                                             start_to_close_timeout=timedelta(seconds=30))
+
         done = 0
-        for step in range(req.before):
-            done += (await workflow.execute_activity(noop, StepInput(task_id=req.task_id, step=step),
-                                                     start_to_close_timeout=timedelta(seconds=30))).step == step
+        if req.parallel:
+            outs = await asyncio.gather(*(step_(step) for step in range(req.before)))
+            done += sum(out.step == step for step, out in enumerate(outs))
+        else:
+            for step in range(req.before):
+                done += (await step_(step)).step == step
         await workflow.execute_activity(
             wait_heartbeating, HeartbeatWaitInput(task_id=req.task_id, seconds=req.seconds, heartbeat_s=req.heartbeat_s),
             start_to_close_timeout=timedelta(seconds=req.seconds + 300),
             heartbeat_timeout=timedelta(seconds=req.heartbeat_s) if req.heartbeat_s else None)
         for step in range(req.after):
-            done += (await workflow.execute_activity(noop, StepInput(task_id=req.task_id, step=step),
-                                                     start_to_close_timeout=timedelta(seconds=30))).step == step
+            done += (await step_(step)).step == step
         return done
 
 

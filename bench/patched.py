@@ -114,10 +114,24 @@ def join_by_signal() -> None:
     AdmissionActivities._join = refuse
 
 
+def sequential_pre_call() -> None:
+    """New generations run charge, download and model choice one after another, as before the
+    generation-2026-12 bundle (the pre-call-steps-in-parallel patch answers False)."""
+    from workflows import generation
+
+    shipped = generation.GenerationWorkflow._patched
+
+    def patched(self, patch_id: str) -> bool:
+        return False if patch_id == generation.PATCH_PRE_CALL_IN_PARALLEL else shipped(self, patch_id)
+
+    generation.GenerationWorkflow._patched = patched
+
+
 PATCHES = {"local-activities": local_activities, "heartbeat-twice-per-window": heartbeat_twice_per_window,
            "autoscaling-pollers": autoscaling_pollers, "no-patch-marker": no_patch_marker,
            "no-search-attribute-upserts": no_search_attribute_upserts, "no-deadline-timer": no_deadline_timer,
-           "no-admission": no_admission, "join-by-signal": join_by_signal}
+           "no-admission": no_admission, "join-by-signal": join_by_signal,
+           "sequential-pre-call": sequential_pre_call}
 
 
 def main() -> None:
