@@ -81,6 +81,15 @@ STAGE_OF_ACTIVITY = {
 
 QUERY_TIMEOUT = timedelta(seconds=2)
 
+
+def earliest_pending(pending: list):
+    """Of the activities a describe lists as pending, the one of the earliest stage: the charge,
+    download and model choice run side by side, and the server lists them in no set order."""
+    def rank(act) -> int:
+        stage = STAGE_OF_ACTIVITY.get(act.activity_type.name)
+        return PERCENT[stage] if stage is not None else max(PERCENT.values()) + 1
+    return min(pending, key=rank)
+
 log = logging.getLogger(__name__)
 
 
@@ -308,7 +317,7 @@ async def _read_running(client, handle, desc, task_id, user_id, kind, sa_status,
     stage, attempt, error = Stage.QUEUED, 0, None
     pending = list(raw.raw_description.pending_activities)
     if pending:
-        act = pending[0]
+        act = earliest_pending(pending)
         stage = STAGE_OF_ACTIVITY.get(act.activity_type.name, Stage.QUEUED)
         attempt = act.attempt
         if act.HasField("last_failure") and act.last_failure.message:

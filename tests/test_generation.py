@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from atelier import works
 from atelier.errors import InvalidRequest
 from atelier.messages import (ChargeRequest, ChargeResult, DownloadRequest, DownloadResult, GenerationRequest,
-                              GenerationResult, ImageInput, Status)
+                              GenerationResult, ImageInput, ModelChoice, SelectModelRequest, Status)
 from starter.service import read_generation, start_generation
 from tests.fakes import images as fake_images
 from tests.fakes.gemini_server import FakeGemini, Reply
@@ -509,3 +509,73 @@ async def test_a_rejected_charge_drops_the_download_under_way(harness, monkeypat
     assert not _scheduled(history, "call_ai")
     await assert_money(h, handle.id, Status.REJECTED, 10)
     assert await h.balance(user) == 5
+
+
+def test_a_describe_reports_the_earliest_of_the_steps_pending_side_by_side():
+    """The server lists pending activities in no set order: whichever comes first, a generation
+    whose charge is still pending reads as charging, and once it is done, as downloading."""
+    import itertools
+
+    from temporalio.api.common.v1 import ActivityType
+    from temporalio.api.workflow.v1 import PendingActivityInfo
+
+    from starter.service import earliest_pending
+
+    def pending(*names: str) -> list[PendingActivityInfo]:
+        return [PendingActivityInfo(activity_type=ActivityType(name=n)) for n in names]
+
+    for order in itertools.permutations(["select_model", "download_and_convert", "charge_credits"]):
+        assert earliest_pending(pending(*order)).activity_type.name == "charge_credits", order
+    for order in itertools.permutations(["select_model", "download_and_convert"]):
+        assert earliest_pending(pending(*order)).activity_type.name == "download_and_convert", order
+    assert earliest_pending(pending("something_new", "call_ai")).activity_type.name == "call_ai"
+
+
+async def test_with_no_worker_a_generation_stuck_before_its_call_reads_as_charging(harness, monkeypatch):
+    """The worker goes away while the charge, the download and the model choice all run: the read
+    falls back to describe, which lists the three pending, and says charging, not whichever the
+    server happened to list first."""
+    from temporalio import activity
+
+    from activities.credits import CreditActivities
+    from activities.images import ImageActivities
+    from activities.models import ModelActivities
+
+    entered: set[str] = set()
+
+    async def hold(name: str):
+        entered.add(name)
+        await asyncio.sleep(60)  # the worker's shutdown cancels it
+        raise ApplicationError("not cancelled", non_retryable=True)
+
+    @activity.defn(name="charge_credits")
+    async def charge(self, req: ChargeRequest) -> ChargeResult:
+        return await hold("charge_credits")
+
+    @activity.defn(name="download_and_convert")
+    async def download(self, req: DownloadRequest) -> DownloadResult:
+        return await hold("download_and_convert")
+
+    @activity.defn(name="select_model")
+    async def select(self, req: SelectModelRequest) -> ModelChoice:
+        return await hold("select_model")
+
+    monkeypatch.setattr(CreditActivities, "charge_credits", charge)
+    monkeypatch.setattr(ImageActivities, "download_and_convert", download)
+    monkeypatch.setattr(ModelActivities, "select_model", select)
+    h = harness
+    user = await h.user(100)
+    async with h.worker():
+        handle = await h.start(user, "photography", await inputs(h, user, 1))
+        for _ in range(300):  # 30 s at most
+            if len(entered) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert len(entered) == 3, entered
+    try:
+        desc = await handle.describe()
+        assert len(desc.raw_description.pending_activities) == 3
+        state = await read_generation(h.client, handle.id)
+        assert state.view.status == "running" and state.view.stage == "charging", state.view
+    finally:
+        await handle.terminate("test over")
