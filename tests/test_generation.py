@@ -411,8 +411,8 @@ def _event_index(history, event_id: int) -> int:
 
 
 async def test_download_and_model_choice_start_beside_the_charge(harness):
-    """One workflow task schedules the charge, the download and the model choice: a generation
-    reaches its AI call two round trips sooner than when each waited for the one before it."""
+    """One workflow task schedules the charge, the download of uploaded inputs and the model
+    choice: a generation reaches its AI call sooner than when each waited for the one before it."""
     h = harness
     user = await h.user(100)
     async with h.worker():
@@ -579,3 +579,32 @@ async def test_with_no_worker_a_generation_stuck_before_its_call_reads_as_chargi
         assert state.view.status == "running" and state.view.stage == "charging", state.view
     finally:
         await handle.terminate("test over")
+
+
+async def test_inputs_given_by_url_are_fetched_only_once_the_charge_has_committed(harness):
+    """Nothing is fetched from outside for a generation not yet paid for. A user whose balance
+    falls short (here from the start: the API would refuse it, a burst beyond the balance would
+    not) gets no download at all; a paid one fetches after its charge, beside its model choice."""
+    h = harness
+    with FakeHttpServer() as files:
+        files.route("/me.jpg", body=fake_images.jpeg(200, 160), headers={"Content-Type": "image/jpeg"})
+        poor, rich = await h.user(5), await h.user(100)
+        async with h.worker():
+            rejected = await h.start(poor, "photography", [ImageInput(url=files.url("/me.jpg"))])
+            assert (await rejected.result()).status == "rejected"
+            rejected_history = await rejected.fetch_history()
+            assert files.requests == [], "a generation that was never paid for fetched its inputs"
+            handle = await h.start(rich, "photography", [ImageInput(url=files.url("/me.jpg"))])
+            result = await handle.result()
+            history = await handle.fetch_history()
+    assert not _scheduled(rejected_history, "download_and_convert")
+    await assert_money(h, rejected.id, Status.REJECTED, 10)
+    assert result.status == "completed" and len(files.requests) == 1
+    [charge], [choice], [download] = (_scheduled(history, n) for n in ("charge_credits", "select_model",
+                                                                       "download_and_convert"))
+    first = charge.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
+    assert choice.activity_task_scheduled_event_attributes.workflow_task_completed_event_id == first
+    charged = next(e.event_id for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+                   and e.activity_task_completed_event_attributes.scheduled_event_id == charge.event_id)
+    assert download.event_id > charged
+    await assert_money(h, handle.id, Status.COMPLETED, 10)

@@ -28,7 +28,7 @@ from workflows.generation import GenerationWorkflow, WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 REQUIRED = ["success", "failure_refund", "cancellation", "model_fallback", "rejected", "success_webhook",
-            "deadline", "ai_retry", "webhook_events"]
+            "deadline", "ai_retry", "webhook_events", "success_url"]
 # Histories kept from before a patch: each folder holds the required set of its day.
 OLD_GENERATIONS = {"v1": 6, "v2": 6, "v3": 6, "v4": 9, "v5": 9, "v6": 9, "v7": 9}
 PRIMARY = "gemini-2.5-flash-image"
@@ -121,6 +121,15 @@ async def test_record_histories(harness_factory):
             handle = await h.start(user, "photography", photo, prompt="warm light")
             await handle.result()
             await save(handle, "success")
+
+            # An input given by URL: fetched once the charge has committed (generation-2026-12).
+            from tests.fakes.http_server import FakeHttpServer
+
+            with FakeHttpServer() as files:
+                files.route("/me.jpg", body=fake_images.jpeg(200, 160), headers={"Content-Type": "image/jpeg"})
+                handle = await h.start(user, "photography", [ImageInput(url=files.url("/me.jpg"))])
+                await handle.result()
+                await save(handle, "success_url")
 
             fake.plan(PRIMARY, [Reply.status(503, retry_after=1)] * 3)
             handle = await h.start(user, "photography", photo)

@@ -119,9 +119,10 @@ PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
 # the workflow waits for the activity to acknowledge the cancel, so the next call in line never
 # starts beside a call the worker is still making.
 PATCH_SLOT_HELD_UNTIL_CALL_STOPS = "slot-held-until-call-stops"
-# The download and the model choice start beside the charge, in the same workflow task: a
-# generation reaches its AI call two round trips sooner. The charge still settles before anything
-# is refunded, and a rejected charge drops the other two.
+# The model choice, and the download of uploaded inputs, start beside the charge, in the same
+# workflow task: a generation reaches its AI call sooner, in fewer workflow tasks. The charge
+# still settles before anything is refunded, a rejected charge drops the other two, and inputs
+# given by URL are fetched only once the charge has committed.
 PATCH_PRE_CALL_IN_PARALLEL = "pre-call-steps-in-parallel"
 # Every change above, recorded once. The SDK writes each patch it records as a marker plus an
 # upsert of the TemporalChangeVersion search attribute (a visibility write on the server): a new
@@ -474,14 +475,20 @@ class GenerationWorkflow:
             # a balance short of the cost already): both start beside it, in this workflow task.
             # The charge is still settled before either outcome is looked at, so a failed download
             # is refunded only once the charge has committed, and a rejected charge drops them.
-            downloading = asyncio.ensure_future(self._download_activity(req))
+            # Except that nothing is fetched from outside for a generation not yet paid for: a
+            # burst of submissions beyond the balance would otherwise fetch every URL it names.
+            # Uploads were fetched and checked when they arrived; URLs wait for the charge.
+            downloading = (None if any(image.url for image in req.images)
+                           else asyncio.ensure_future(self._download_activity(req)))
             choosing = asyncio.ensure_future(self._select_model(req, []))
             try:
                 await self._charge(charging)
                 self._stage(Stage.DOWNLOADING)  # the stages still pass in order, for the progress stream
+                if downloading is None:
+                    downloading = asyncio.ensure_future(self._download_activity(req))
                 downloaded = await downloading
             except BaseException:
-                _abandon(downloading, choosing)
+                _abandon(*(step for step in (downloading, choosing) if step is not None))
                 raise
             output = await self._generate(req, downloaded, choosing)
 
