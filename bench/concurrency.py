@@ -172,9 +172,10 @@ async def floor_arm(s, n: int, delay: float, grace: float) -> dict:
     return arm
 
 
-async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: float, *, parallel: bool = True) -> dict:
-    """Bare workflows of a generation's shape: the burst goal's baseline (issue 13, goal 1). `parallel`:
-    the three no-ops before the wait side by side, as a generation runs them now; else one by one."""
+async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: float, *, side_by_side: int = 2) -> dict:
+    """Bare workflows of a generation's shape: the burst goal's baseline (issue 13, goal 1). Of the
+    three no-ops before the wait, the first `side_by_side` run side by side and the rest one by one
+    (2: as a generation given its inputs by URL runs its charge, model choice and download now)."""
     tq = f"floor-shape-{uuid.uuid4().hex[:8]}"
     proc = start_floor_worker(s, tq, max_concurrent_activities=max(n, 200))
     await wait_for_pollers(s.client, [(tq, "workflow"), (tq, "activity")], proc)
@@ -182,10 +183,11 @@ async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: fl
     async def start(i: int):
         wf_id = f"floor-shape-{i}-{uuid.uuid4().hex[:8]}"
         await s.client.start_workflow(FloorShapeWorkflow.run, ShapeInput(task_id=wf_id, seconds=delay,
-                                                                          heartbeat_s=heartbeat_s, parallel=parallel),
+                                                                          heartbeat_s=heartbeat_s, side_by_side=side_by_side),
                                       id=wf_id, task_queue=tq)
 
-    what = "the three before side by side" if parallel else "the three before one by one"
+    what = {1: "the three before one by one", 3: "the three before side by side"}.get(
+        side_by_side, f"{side_by_side} of the three before side by side")
     arm = await run_arm(s, f"floor: bare workflows of a generation's shape ({what})", n, delay, grace, tq,
                         {"worker": proc.ps, "server": s.server}, start)
     proc.stop()
@@ -242,7 +244,7 @@ async def bench(args) -> None:
     async with stack(NAME, keep_tmp=args.keep_tmp, server_args=dev_server_flags(args)) as s:
         floor = await floor_arm(s, n, delay, args.grace) if args.floor else None
         shape = (await shape_floor_arm(s, n, delay, args.grace, Settings.model_fields["ai_heartbeat_s"].default,
-                                       parallel=not args.sequential_shape_floor)
+                                       side_by_side=args.shape_side_by_side)
                  if args.floor and args.shape_floor else None)
         main_arm = await generation_arm(s, args.provider, n, delay, args.grace, "shipped")
         others = [await generation_arm(s, args.provider, n, delay, args.grace, v) for v in variants]
@@ -299,10 +301,10 @@ def main() -> None:
     p.add_argument("--variants", default="", help="also run generations with these worker variants "
                    f"(comma-separated, from: {', '.join(k for k in VARIANTS if k != 'shipped')})")
     p.add_argument("--no-shape-floor", dest="shape_floor", action="store_false",
-                   help="skip the floor of a generation's shape (3 no-op activities side by side, one heartbeating "
-                   "wait, 1 no-op)")
-    p.add_argument("--sequential-shape-floor", action="store_true",
-                   help="the shape floor's three no-ops one by one, as a generation ran them before generation-2026-12")
+                   help="skip the floor of a generation's shape (3 no-op activities, one heartbeating wait, 1 no-op)")
+    p.add_argument("--shape-side-by-side", type=int, choices=(1, 2, 3), default=2,
+                   help="how many of the shape floor's three no-ops before the wait run side by side: 2 as a "
+                   "generation given URLs runs them, 3 as one given uploads, 1 as before generation-2026-12")
     p.add_argument("--grace", type=float, default=120.0, help="seconds past the delay before giving up")
     args = resolve_paths(p.parse_args(), NAME)
     run_main(lambda: bench(args))

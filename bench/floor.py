@@ -98,9 +98,11 @@ class ShapeInput:
     seconds: float = 60.0
     heartbeat_s: float = 55.0  # the AI call's heartbeat timeout (ATELIER_AI_HEARTBEAT_S)
     after: int = 1  # save_work
-    # The `before` steps side by side, scheduled by one workflow task, as a generation runs its
-    # charge, download and model choice since the generation-2026-12 bundle; False: one after another.
-    parallel: bool = True
+    # The first this many of the `before` steps side by side, scheduled by one workflow task, the
+    # rest one after another: since the generation-2026-12 bundle, a generation whose inputs are
+    # URLs (as in every benchmark) runs its charge and model choice side by side and downloads
+    # after the charge (2); with uploaded inputs all three go side by side (3); before it, one by one (1).
+    side_by_side: int = 2
 
 
 @workflow.defn(name="BenchFloorShapeWorkflow")
@@ -115,12 +117,11 @@ class FloorShapeWorkflow:
                                              start_to_close_timeout=timedelta(seconds=30))
 
         done = 0
-        if req.parallel:
-            outs = await asyncio.gather(*(step_(step) for step in range(req.before)))
-            done += sum(out.step == step for step, out in enumerate(outs))
-        else:
-            for step in range(req.before):
-                done += (await step_(step)).step == step
+        together = min(max(1, req.side_by_side), req.before)
+        outs = await asyncio.gather(*(step_(step) for step in range(together)))
+        done += sum(out.step == step for step, out in enumerate(outs))
+        for step in range(together, req.before):
+            done += (await step_(step)).step == step
         await workflow.execute_activity(
             wait_heartbeating, HeartbeatWaitInput(task_id=req.task_id, seconds=req.seconds, heartbeat_s=req.heartbeat_s),
             start_to_close_timeout=timedelta(seconds=req.seconds + 300),
