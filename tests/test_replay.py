@@ -46,7 +46,8 @@ def load(name: str) -> WorkflowHistory:
 # after a call that did; the admission workflow on its own task queue), admission/current/ since the
 # generation-2026-11 patch bundle (one patch marker), admission/answered/ since the line is joined by
 # the join_line update, whose answer carries a free slot (the same commands: no patch),
-# admission/parallel/ since the generation-2026-12 bundle (download and model choice beside the charge).
+# admission/parallel/ since the generation-2026-12 bundle (the model choice, and the download of
+# uploads, beside the charge).
 ADMISSION_HISTORIES = [f"{folder}/{name}" for folder in ("admission", "admission/local", "admission/released",
                                                           "admission/current", "admission/answered",
                                                           "admission/parallel")

@@ -143,7 +143,6 @@ PATCH_BUNDLES = {
         PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
     }),
 }
-PATCH_CURRENT = next(iter(PATCH_BUNDLES))
 
 
 async def _uncancellable(awaitable, *, then_honour_cancel: bool = False):
