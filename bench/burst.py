@@ -354,7 +354,8 @@ def main() -> None:
                    help="diagnostic: this many API processes, each on its own port, the POSTs spread over them")
     p.add_argument("--hold-workers", action="store_true",
                    help="diagnostic: suspend the workers while the POSTs are answered, resume them after")
-    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="record the API with py-spy, and the workers from the first POST for 0.6 of the delay")
+    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                   help="record the API with py-spy, and the workers from the first POST for 0.6 of the delay")
     p.add_argument("--variant", default="shipped", choices=sorted(VARIANTS),
                    help="run the workers as this variant (bench.common.VARIANTS) instead of as shipped")
     args = resolve_paths(p.parse_args(), NAME)

@@ -182,9 +182,8 @@ async def shape_floor_arm(s, n: int, delay: float, grace: float, heartbeat_s: fl
 
     async def start(i: int):
         wf_id = f"floor-shape-{i}-{uuid.uuid4().hex[:8]}"
-        await s.client.start_workflow(FloorShapeWorkflow.run, ShapeInput(task_id=wf_id, seconds=delay,
-                                                                          heartbeat_s=heartbeat_s, side_by_side=side_by_side),
-                                      id=wf_id, task_queue=tq)
+        shape = ShapeInput(task_id=wf_id, seconds=delay, heartbeat_s=heartbeat_s, side_by_side=side_by_side)
+        await s.client.start_workflow(FloorShapeWorkflow.run, shape, id=wf_id, task_queue=tq)
 
     what = {1: "the three before one by one", 3: "the three before side by side"}.get(
         side_by_side, f"{side_by_side} of the three before side by side")

@@ -81,6 +81,8 @@ STAGE_OF_ACTIVITY = {
 
 QUERY_TIMEOUT = timedelta(seconds=2)
 
+log = logging.getLogger(__name__)
+
 
 def earliest_pending(pending: list):
     """Of the activities a describe lists as pending, the one of the earliest stage: the charge,
@@ -89,8 +91,6 @@ def earliest_pending(pending: list):
         stage = STAGE_OF_ACTIVITY.get(act.activity_type.name)
         return PERCENT[stage] if stage is not None else max(PERCENT.values()) + 1
     return min(pending, key=rank)
-
-log = logging.getLogger(__name__)
 
 
 def new_task_id() -> str:

@@ -406,8 +406,13 @@ def _scheduled(history, name: str):
             and e.activity_task_scheduled_event_attributes.activity_type.name == name]
 
 
-def _event_index(history, event_id: int) -> int:
-    return next(i for i, e in enumerate(history.events) if e.event_id == event_id)
+def _ended(history, scheduled):
+    """The event that ended the activity scheduled as `scheduled` (completed or failed)."""
+    return next(e for e in history.events
+                if (e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+                    and e.activity_task_completed_event_attributes.scheduled_event_id == scheduled.event_id)
+                or (e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
+                    and e.activity_task_failed_event_attributes.scheduled_event_id == scheduled.event_id))
 
 
 async def test_download_and_model_choice_start_beside_the_charge(harness):
@@ -455,21 +460,14 @@ async def test_a_download_that_fails_while_the_charge_commits_is_refunded_after_
             await handle.result()
         history = await handle.fetch_history()
     assert isinstance(failure.value.cause, ApplicationError) and failure.value.cause.type == "BadImage"
-    ids = {e.event_id: e for e in history.events}
     [download] = _scheduled(history, "download_and_convert")
     [charge] = _scheduled(history, "charge_credits")
     [refund] = _scheduled(history, "refund_credits")
-
-    def ended(scheduled) -> int:
-        return next(i for i, e in enumerate(history.events)
-                    if e.event_type in (EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED, EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED)
-                    and (e.activity_task_completed_event_attributes.scheduled_event_id == scheduled.event_id
-                         or e.activity_task_failed_event_attributes.scheduled_event_id == scheduled.event_id))
-
-    assert history.events[ended(download)].event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
-    assert ended(download) < ended(charge) < _event_index(history, refund.event_id), (
+    download_ended, charge_ended = _ended(history, download), _ended(history, charge)
+    assert download_ended.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
+    assert charge_ended.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+    assert download_ended.event_id < charge_ended.event_id < refund.event_id, (
         "the download failed first, and the refund was scheduled only after the charge had committed")
-    assert ids[refund.event_id].event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     assert await h.ledger(handle.id) == (10, 10)
     assert await h.balance(user) == 100
 
@@ -604,7 +602,7 @@ async def test_inputs_given_by_url_are_fetched_only_once_the_charge_has_committe
                                                                        "download_and_convert"))
     first = charge.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
     assert choice.activity_task_scheduled_event_attributes.workflow_task_completed_event_id == first
-    charged = next(e.event_id for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-                   and e.activity_task_completed_event_attributes.scheduled_event_id == charge.event_id)
-    assert download.event_id > charged
+    charged = _ended(history, charge)
+    assert charged.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+    assert download.event_id > charged.event_id
     await assert_money(h, handle.id, Status.COMPLETED, 10)

@@ -121,8 +121,8 @@ PATCH_LOCAL_SLOT_REQUEST = "model-admission-local-request"
 PATCH_SLOT_HELD_UNTIL_CALL_STOPS = "slot-held-until-call-stops"
 # The model choice, and the download of uploaded inputs, start beside the charge, in the same
 # workflow task: a generation reaches its AI call sooner, in fewer workflow tasks. The charge
-# still settles before anything is refunded, a rejected charge drops the other two, and inputs
-# given by URL are fetched only once the charge has committed.
+# still settles before anything is refunded, a rejected charge drops the steps started beside it,
+# and inputs given by URL are fetched only once the charge has committed.
 PATCH_PRE_CALL_IN_PARALLEL = "pre-call-steps-in-parallel"
 # Every change above, recorded once. The SDK writes each patch it records as a marker plus an
 # upsert of the TemporalChangeVersion search attribute (a visibility write on the server): a new
@@ -133,15 +133,13 @@ PATCH_PRE_CALL_IN_PARALLEL = "pre-call-steps-in-parallel"
 # replays with the one it recorded.
 PATCH_BUNDLE_2026_11 = "generation-2026-11"
 PATCH_BUNDLE_2026_12 = "generation-2026-12"
+_PATCHES_2026_11 = frozenset({
+    PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
+    PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
+})
 PATCH_BUNDLES = {
-    PATCH_BUNDLE_2026_12: frozenset({
-        PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
-        PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS, PATCH_PRE_CALL_IN_PARALLEL,
-    }),
-    PATCH_BUNDLE_2026_11: frozenset({
-        PATCH_SAVE_SURVIVES_CANCEL, PATCH_CHARGE_SETTLES_BEFORE_CANCEL, PATCH_EXPLICIT_DEADLINE, PATCH_AI_ATTEMPTS,
-        PATCH_MODEL_ADMISSION, PATCH_LOCAL_SLOT_REQUEST, PATCH_SLOT_HELD_UNTIL_CALL_STOPS,
-    }),
+    PATCH_BUNDLE_2026_12: _PATCHES_2026_11 | {PATCH_PRE_CALL_IN_PARALLEL},
+    PATCH_BUNDLE_2026_11: _PATCHES_2026_11,
 }
 
 
@@ -555,7 +553,8 @@ class GenerationWorkflow:
             summary="Select model" if not tried else f"Select model after {tried[-1]} failed",
         )
 
-    async def _generate(self, req: GenerationRequest, downloaded, first_choice: asyncio.Future | None = None) -> AiOutput:
+    async def _generate(self, req: GenerationRequest, downloaded,
+                        first_choice: asyncio.Future | None = None) -> AiOutput:
         """Call the AI, falling back to the next model when one fails in a way retries cannot fix.
         `first_choice`: the first select_model, when it was started ahead."""
         p, t = self._progress, req.timeouts
