@@ -8,13 +8,16 @@ stays well under two minutes on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,23 +43,37 @@ EXPECTED = {
 TIMEOUT_S = 150
 
 
+def _start(name: str, out: Path, *args: str) -> tuple[subprocess.Popen, object]:
+    """One benchmark as a subprocess, in a process group of its own: the dev server and the
+    workers it starts join that group, so `_stop` can end them with it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATELIER_", "GEMINI_"))}
+    cmd = [sys.executable, "-m", f"bench.{name}", *args, "--out", str(out / f"{name}.json")]
+    log = open(out / f"{name}.log", "wb")  # noqa: SIM115 - the caller closes it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a benchmark and whatever it started. Killing the benchmark alone would leave its dev
+    server running, adopted by init, for the rest of the session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start every benchmark at once; each test waits for its own."""
     out = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATELIER_", "GEMINI_"))}
     started = {}
     for name in EXPECTED:
-        cmd = [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out / f"{name}.json")]
+        args = ["--quick"]
         if name in ("submit", "concurrency", "quota"):
-            cmd += ["--chart", str(out / f"{name}.png")]
-        log = open(out / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-        started[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            args += ["--chart", str(out / f"{name}.png")]
+        started[name] = _start(name, out, *args)
     yield out, started
     for proc, log in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)  # a run with -k leaves most of them running
         log.close()
 
 
@@ -64,8 +81,6 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_benchmark_runs_and_writes_its_json(runs, name):
     out, started = runs
-    if name not in started:
-        _start(out, name, started)
     proc, _ = started[name]
     deadline = time.monotonic() + TIMEOUT_S
     while proc.poll() is None and time.monotonic() < deadline:
@@ -89,3 +104,27 @@ def test_every_benchmark_has_help():
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
         if name != "run_all":
             assert "--quick" in done.stdout
+
+
+@pytest.mark.timeout(150)
+def test_stopping_a_benchmark_stops_its_dev_server(tmp_path):
+    """A benchmark stopped while it runs (the smoke run with -k, a failure, a timeout) takes its
+    dev server with it: no server lives on under init, holding memory for the rest of the run."""
+    proc, log = _start("overhead", tmp_path, "--runs", "1000", "--max-seconds", "120")
+    try:
+        servers: list[psutil.Process] = []
+        deadline = time.monotonic() + 90
+        while not servers and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            for candidate in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error):
+                    if "start-dev" in (candidate.info["cmdline"] or []) and os.getpgid(candidate.pid) == proc.pid:
+                        servers.append(candidate)
+        assert servers, "the benchmark's dev server never started:\n" + (tmp_path / "overhead.log").read_text()[-2000:]
+        assert proc.poll() is None, "the benchmark ended before it could be stopped"
+        _stop(proc)
+        _, alive = psutil.wait_procs(servers, timeout=15)
+        assert alive == [], f"dev server {[p.pid for p in alive]} outlived its benchmark"
+    finally:
+        _stop(proc)
+        log.close()
